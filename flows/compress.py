@@ -1,0 +1,113 @@
+"""The ``compress`` flow: calibrate -> quantize -> evaluate -> upload -> register.
+
+One straight line of tasks, each calling one plugin. A quantization run is opened in the registry
+before the work starts and closed in a single transaction at the end; if any step fails the run is
+marked failed, the staging directory is removed and no output artifact or metric is registered.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from quantmill.flows import tasks
+from quantmill.flows.runtime import software_versions
+from quantmill.flows.tasks import JobRef
+
+REPORT_KEY = re.compile(r"[^a-z0-9-]+")
+
+
+def evaluation_table(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of (evaluator, metric, base, quantized, delta) for the CLI and Prefect artifacts."""
+    by_key: dict[tuple[str, str], dict[str, Any]] = {}
+    for ev in evaluations:
+        for name, value in ev["metrics"].items():
+            row = by_key.setdefault((ev["evaluator"], name),
+                                    {"evaluator": ev["evaluator"], "metric": name,
+                                     "base": None, "quantized": None, "delta": None})
+            row[ev["target"]] = value
+    for row in by_key.values():
+        if row["base"] is not None and row["quantized"] is not None:
+            row["delta"] = row["quantized"] - row["base"]
+    return list(by_key.values())
+
+
+@flow(name="compress", flow_run_name="compress-{recipe_name}", log_prints=True)
+def compress(recipe_text: str, recipe_path: str, recipe_name: str,
+             database_url: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Run one recipe end to end and return a summary (ids, URIs, evaluation table)."""
+    ref = JobRef(recipe_text, recipe_path, job_id or uuid.uuid4().hex, database_url)
+    job = ref.job()
+    inputs = tasks.register_inputs(ref)
+    calibration_id = tasks.calibrate(ref, inputs)
+
+    input_edges = [(inputs["base_model"], "base_model")]
+    if calibration_id is not None:
+        input_edges.append((calibration_id, "calibration_set"))
+    input_edges += [(i, "eval_data") for p, i in inputs["datasets"].items()
+                    if any(str(f) == p for e in job.evaluators for f in e.data_files())]
+    with ref.registry() as reg:
+        run = reg.start_run(
+            job_id=ref.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),
+            plugins=job.plugin_versions, versions=software_versions(),
+            flow_run_id=tasks._flow_run_id(), inputs=input_edges,
+        )
+    try:
+        evaluations: list[dict[str, Any]] = []
+        for index in range(len(job.evaluators)):
+            ev = tasks.evaluate(ref, index, inputs["base_model"], str(job.model_path),
+                                None, None, reuse=True)
+            evaluations.append({**ev, "target": "base"})
+        quantized = tasks.quantize(ref, inputs, calibration_id)
+        checkpoint_dir = quantized["checkpoint_dir"]
+        for index in range(len(job.evaluators)):
+            # the model source named like the export format reads the checkpoint back
+            ev = tasks.evaluate(ref, index, None, checkpoint_dir, job.exporter.format_name,
+                                checkpoint_dir, reuse=False)
+            evaluations.append({**ev, "target": "quantized"})
+        tasks.MODEL_CACHE.clear()
+        stored = tasks.upload(ref, checkpoint_dir)
+        checkpoint_id = tasks.register(ref, run.id, stored, quantized, inputs["base_model"],
+                                       evaluations, inputs["datasets"])
+    except BaseException as exc:
+        tasks.MODEL_CACHE.clear()
+        with ref.registry() as reg:
+            reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(ref.work_dir, ignore_errors=True)
+
+    table = evaluation_table(evaluations)
+    create_table_artifact(
+        key=REPORT_KEY.sub("-", f"compress-{recipe_name}".lower()).strip("-")[:100],
+        table=table,
+        description=f"Evaluation of {recipe_name}: base model vs quantized checkpoint "
+                    f"(artifact {checkpoint_id}, run {run.id})",
+    )
+    return {
+        "job_id": ref.job_id,
+        "run_id": run.id,
+        "base_model_id": inputs["base_model"],
+        "calibration_set_id": calibration_id,
+        "checkpoint_id": checkpoint_id,
+        "checkpoint_uri": stored["uri"],
+        "checkpoint_sha256": stored["sha256"],
+        "quantize_seconds": quantized["quantize_seconds"],
+        "table": table,
+    }
+
+
+def run_recipe_file(path: Path, database_url: str | None = None) -> dict[str, Any]:
+    """Validate a recipe (fast, before Prefect starts) and run it through the flow."""
+    from quantmill.flows.recipe import load_job
+    from quantmill.plugins.catalog import Catalog
+    from quantmill.plugins.manager import get_plugin_manager
+
+    job = load_job(path, Catalog(get_plugin_manager()))
+    return compress(job.recipe_text, str(path.resolve()), job.recipe.name, database_url)

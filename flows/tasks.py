@@ -1,0 +1,292 @@
+"""Prefect tasks of the compress flow: each calls one plugin (or the registry) and passes on
+paths, URIs and artifact ids, never tensors.
+
+The task bodies are plain functions (``*_step``) so they can be unit-tested without a Prefect
+server; the ``@task`` objects at the bottom wrap them with names, retries and no result caching
+(results are registry ids; the registry itself is the cache: identical base-model measurements and
+calibration sets are found there and reused).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load_file, save_file
+
+from quantmill.flows.recipe import Job, parse_recipe, resolve_job
+from quantmill.flows.runtime import software_versions
+from quantmill.plugins.base import CalibrationSet, EvaluationResult, LoadedModel
+from quantmill.plugins.catalog import Catalog
+from quantmill.plugins.hashing import sha256_path
+from quantmill.plugins.home import quantmill_home
+from quantmill.plugins.manager import get_plugin_manager
+from quantmill.registry import NewArtifact, NewMetric, Registry
+
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Everything a task needs to rebuild the job on any worker: the recipe text and where the
+    recipe's relative paths are anchored, plus the job's id and registry URL."""
+
+    recipe_text: str
+    recipe_path: str
+    job_id: str
+    database_url: str | None = None
+
+    def job(self) -> Job:
+        import yaml
+
+        catalog = Catalog(get_plugin_manager())
+        recipe = parse_recipe(yaml.safe_load(self.recipe_text), Path(self.recipe_path).parent)
+        return resolve_job(recipe, self.recipe_text, Path(self.recipe_path), catalog)
+
+    def registry(self) -> Registry:
+        return Registry.open(self.database_url)
+
+    @property
+    def work_dir(self) -> Path:
+        return quantmill_home() / "work" / self.job_id
+
+
+@dataclass
+class _ModelCache:
+    """Keeps the last loaded model so that consecutive tasks on one model load it once.
+
+    One entry only: a job touches the base model, then the quantized one, never back.
+    """
+
+    key: tuple[str, str] | None = None
+    loaded: LoadedModel | None = None
+
+    def get(self, job: Job, path: Path, source_name: str | None = None) -> LoadedModel:
+        key = (str(path), source_name or job.model_source.name)
+        if self.key != key:
+            self.key, self.loaded = None, None  # free the old model before loading the next
+            source = job.model_source
+            if source_name is not None and source_name != source.name:
+                catalog = Catalog(get_plugin_manager())
+                source = catalog.model_sources.get(source_name)()
+            self.loaded = source.load(path, job.device())
+            self.key = key
+        assert self.loaded is not None
+        return self.loaded
+
+    def clear(self) -> None:
+        self.key, self.loaded = None, None
+
+
+MODEL_CACHE = _ModelCache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Step bodies
+# ---------------------------------------------------------------------------------------------
+
+
+def register_inputs_step(ref: JobRef) -> dict[str, Any]:
+    """Hash and register the base model and every data file the job reads."""
+    job = ref.job()
+    with ref.registry() as reg:
+        sha, size = sha256_path(job.model_path)
+        model = reg.upsert_artifact(
+            kind="model", name=job.model_path.name, sha256=sha, size_bytes=size,
+            uri=job.model_path.as_uri(), format=job.model_source.name,
+            metadata={"source": job.model_source.name},
+        )
+        datasets: dict[str, int] = {}
+        files = list(job.calibration.data_files()) if job.calibration else []
+        for evaluator in job.evaluators:
+            files.extend(evaluator.data_files())
+        for path in files:
+            if str(path) in datasets:
+                continue
+            dsha, dsize = sha256_path(path)
+            art = reg.upsert_artifact(kind="dataset", name=path.name, sha256=dsha,
+                                      size_bytes=dsize, uri=path.as_uri(), format="text")
+            datasets[str(path)] = art.id
+    return {"base_model": model.id, "datasets": datasets}
+
+
+def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
+    """Build the calibration set, store it and register it as the output of a calibration run."""
+    job = ref.job()
+    if job.calibration is None:
+        return None
+    data_ids = [inputs["datasets"][str(p)] for p in job.calibration.data_files()]
+    with ref.registry() as reg:
+        run = reg.start_run(
+            job_id=ref.job_id, kind="calibration", name=f"{job.recipe.name}:calibration",
+            recipe=job.recipe_json(), plugins=job.plugin_versions, versions=software_versions(),
+            flow_run_id=_flow_run_id(),
+            inputs=[(inputs["base_model"], "tokenizer_model")]
+            + [(i, "calibration_data") for i in data_ids],
+        )
+        try:
+            tokenizer = job.model_source.load_tokenizer(job.model_path)
+            calib = job.calibration.build(tokenizer)
+            out = ref.work_dir / "calibration"
+            out.mkdir(parents=True, exist_ok=True)
+            file = out / CALIBRATION_FILE
+            # one metadata key: safetensors writes several in hash-map order, which would make
+            # identical calibration sets hash differently
+            header = {"description": calib.description, "token_ids_sha256": calib.sha256}
+            save_file({"input_ids": calib.input_ids.contiguous()}, str(file),
+                      metadata={"quantmill": json.dumps(header, sort_keys=True)})
+            stored = job.storage.put_tree(file)
+            reg.finish_run(run.id, outputs=[NewArtifact(
+                kind="calibration_set", name=f"{job.recipe.name}-calibration",
+                sha256=stored.sha256, size_bytes=stored.size_bytes, uri=stored.uri,
+                format="safetensors-token-ids", role="calibration_set",
+                metadata={**calib.description, "token_ids_sha256": calib.sha256,
+                          "shape": list(calib.input_ids.shape)},
+            )], metrics=[])
+        except BaseException as exc:
+            reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
+            raise
+        return reg.get_artifact(stored.sha256).id
+
+
+def load_calibration(ref: JobRef, job: Job, calibration_id: int | None) -> CalibrationSet | None:
+    if calibration_id is None:
+        return None
+    with ref.registry() as reg:
+        artifact = reg.get_artifact(calibration_id)
+    path = job.storage.fetch(artifact.uri, verify=True)
+    ids = load_file(str(path))["input_ids"]
+    return CalibrationSet(input_ids=ids, description=dict(artifact.metadata or {}))
+
+
+def evaluate_step(
+    ref: JobRef, evaluator_index: int, artifact_id: int | None, model_path: str,
+    source: str | None,
+    checkpoint_dir: str | None, reuse: bool,
+) -> dict[str, Any]:
+    """Run one evaluator on one model; with ``reuse``, return an identical earlier measurement
+    of the same artifact from the registry instead of measuring again."""
+    job = ref.job()
+    evaluator = job.evaluators[evaluator_index]
+    options = evaluator.config.model_dump(mode="json")
+    if reuse and artifact_id is not None:
+        with ref.registry() as reg:
+            earlier = [m for m in reg.metrics_for_artifact(artifact_id)
+                       if m.evaluator == evaluator.name
+                       and (m.protocol or {}).get("config") == options]
+        if earlier:
+            latest_run = max(m.run_id for m in earlier)
+            metrics = {m.name: m.value for m in earlier if m.run_id == latest_run}
+            protocol = next(m.protocol for m in earlier if m.run_id == latest_run)
+            return {"evaluator": evaluator.name, "metrics": metrics, "protocol": protocol,
+                    "reused_from_run": latest_run, "dataset": None, "units": {}}
+    loaded = MODEL_CACHE.get(job, Path(model_path), source)
+    result: EvaluationResult = evaluator.evaluate(
+        loaded, Path(checkpoint_dir) if checkpoint_dir else None
+    )
+    return {
+        "evaluator": result.evaluator,
+        "metrics": result.as_dict(),
+        "units": {m.name: m.unit for m in result.metrics},
+        "protocol": {"config": options, "details": result.protocol,
+                     "plugin_version": type(evaluator).version()},
+        "dataset": str(result.dataset_path) if result.dataset_path else None,
+        "reused_from_run": None,
+    }
+
+
+def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | None) -> dict:
+    """Plan, quantize and export the checkpoint into the job's staging directory."""
+    job = ref.job()
+    loaded = MODEL_CACHE.get(job, job.model_path)
+    calibration = load_calibration(ref, job, calibration_id)
+    quantizable = job.quantizable(loaded.model)
+    default = job.quantizer.default_spec()
+    if default is None:
+        raise RuntimeError(f"quantizer '{job.quantizer.name}' has no default spec")
+    plan = job.allocator.plan(loaded.model, quantizable, default, calibration)
+    started = time.perf_counter()
+    result = job.quantizer.quantize(loaded.model, plan, calibration)
+    quantize_seconds = time.perf_counter() - started
+    staging = ref.work_dir / "checkpoint"
+    if staging.exists():
+        shutil.rmtree(staging)  # a rerun of an interrupted job starts its export afresh
+    summary = job.exporter.export(loaded, result, staging)
+    return {
+        "checkpoint_dir": str(staging),
+        "plan": plan.to_json(),
+        "quantize_seconds": round(quantize_seconds, 3),
+        "details": _jsonable(result.details),
+        "export": _jsonable(summary),
+    }
+
+
+def upload_step(ref: JobRef, checkpoint_dir: str) -> dict[str, Any]:
+    job = ref.job()
+    stored = job.storage.put_tree(Path(checkpoint_dir))
+    return {"uri": stored.uri, "sha256": stored.sha256, "size_bytes": stored.size_bytes}
+
+
+def register_step(
+    ref: JobRef, run_id: int, stored: dict[str, Any], quantized: dict[str, Any],
+    base_id: int, evaluations: list[dict[str, Any]], dataset_ids: dict[str, int],
+) -> int:
+    """Record the checkpoint, its metrics and the new base-model metrics in one transaction."""
+    job = ref.job()
+    metrics: list[NewMetric] = []
+    for ev in evaluations:
+        if ev["reused_from_run"] is not None:
+            continue
+        target = {"artifact_id": base_id} if ev["target"] == "base" else {
+            "artifact_sha256": stored["sha256"]}
+        dataset_id = dataset_ids.get(ev["dataset"]) if ev["dataset"] else None
+        for name, value in ev["metrics"].items():
+            metrics.append(NewMetric(
+                **target, evaluator=ev["evaluator"], name=name, value=float(value),
+                unit=ev["units"].get(name, ""), protocol=ev["protocol"],
+                dataset_artifact_id=dataset_id,
+            ))
+    with ref.registry() as reg:
+        reg.finish_run(run_id, outputs=[NewArtifact(
+            kind="checkpoint", name=job.recipe.name, sha256=stored["sha256"],
+            size_bytes=stored["size_bytes"], uri=stored["uri"], format=job.exporter.format_name,
+            role="quantized_checkpoint",
+            metadata={"export": quantized["export"], "method": job.quantizer.name},
+        )], metrics=metrics, details={"plan": quantized["plan"],
+                                      "quantize_seconds": quantized["quantize_seconds"],
+                                      "quantizer": quantized["details"]})
+        return reg.get_artifact(stored["sha256"]).id
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # outside a flow run (unit tests of the step bodies)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect tasks
+# ---------------------------------------------------------------------------------------------
+
+_common = {"cache_policy": NO_CACHE, "persist_result": False}
+register_inputs = task(register_inputs_step, name="register-inputs", retries=2,
+                       retry_delay_seconds=2, **_common)
+calibrate = task(calibrate_step, name="calibrate", **_common)
+quantize = task(quantize_step, name="quantize", **_common)
+evaluate = task(evaluate_step, name="evaluate", task_run_name="evaluate-{evaluator_index}",
+                **_common)
+upload = task(upload_step, name="upload", retries=2, retry_delay_seconds=2, **_common)
+register = task(register_step, name="register", retries=2, retry_delay_seconds=2, **_common)

@@ -1,0 +1,1 @@
+"""Bit allocators: turn a recipe into an explicit per-module quantization plan."""

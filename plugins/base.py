@@ -1,0 +1,304 @@
+"""Contracts every quantmill plugin implements, and the plain data they exchange.
+
+Why a contract per role: the flows only ever talk to these classes, so a third-party quantizer,
+evaluator or storage backend is a drop-in for a built-in one. Each contract has exactly one
+required method; everything else has a sensible default. Each plugin declares its settings as a
+pydantic model (``Config``) that rejects unknown keys, so a typo in a recipe stops the job before
+any work starts.
+
+Nothing here imports prefect, the registry or storage: plugins are pure and testable on CPU.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's settings: unknown keys are an error, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin(abc.ABC):
+    """What every plugin class shares: a unique ``name`` and a ``Config`` model."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, config: PluginConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Plugin:
+        """Build the plugin from a recipe section (raises pydantic.ValidationError)."""
+        return cls(cls.Config.model_validate(dict(options)))
+
+    @classmethod
+    def version(cls) -> str:
+        """The version of the distribution that ships this plugin (for provenance)."""
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        top = cls.__module__.split(".")[0]
+        for dist in packages_distributions().get(top, []):
+            try:
+                return version(dist)
+            except PackageNotFoundError:  # pragma: no cover - broken metadata
+                continue
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Data exchanged between plugins
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the torch module, its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source_path: Path
+    source_format: str  # "hf-safetensors", "gguf", "gptq", ...
+    files: list[Path] = field(default_factory=list)  # files whose bytes define the model
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token ids for calibration: ``input_ids`` is int64 [num_samples, seq_len]."""
+
+    input_ids: torch.Tensor
+    description: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the token ids (shape, dtype and values), independent of the source."""
+        import hashlib
+
+        ids = self.input_ids.to(torch.int64).contiguous()
+        digest = hashlib.sha256()
+        digest.update(repr(tuple(ids.shape)).encode())
+        digest.update(ids.numpy().tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModuleQuantSpec:
+    """How one linear module is to be quantized: the unit of a per-module plan."""
+
+    bits: int
+    group_size: int  # -1: one group per output channel (all input columns)
+    sym: bool
+    method: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """An explicit per-module plan: module name -> spec. Modules absent stay in float."""
+
+    modules: dict[str, ModuleQuantSpec]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "method": s.method}
+            for name, s in sorted(self.modules.items())
+        }
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight in unpacked integer form.
+
+    ``intweight`` is [out_features, in_features] with values in [0, 2**bits - 1]; the weight it
+    stands for is ``(intweight - zeros[g_idx].T) * scales[g_idx].T``. ``scales`` are float32 values
+    already rounded to fp16 (so a checkpoint reproduces them exactly) and ``zeros`` integers, both
+    [num_groups, out_features]; ``g_idx`` [in_features] maps each input column to its group.
+    """
+
+    intweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.intweight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.intweight.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as floats, [out_features, in_features]."""
+        gi = self.g_idx.long()
+        scales = self.scales.to(torch.float32)[gi].T  # [out, in]
+        zeros = self.zeros.to(torch.float32)[gi].T  # [out, in]
+        return ((self.intweight.to(torch.float32) - zeros) * scales).to(dtype)
+
+
+@dataclass
+class QuantizationResult:
+    """What a quantizer hands to an exporter: the quantized weights and how they were made."""
+
+    weights: dict[str, QuantizedWeight]
+    plan: QuantPlan
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Metrics from one evaluator on one model, with the protocol that produced them."""
+
+    evaluator: str
+    metrics: list[Metric]
+    protocol: dict[str, Any]
+    dataset_path: Path | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {m.name: m.value for m in self.metrics}
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """Where a storage backend put a file or a directory tree, and its content hash."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+# --------------------------------------------------------------------------------------------
+# Contracts
+# --------------------------------------------------------------------------------------------
+
+
+class ModelSource(Plugin):
+    """Loads a model from a path. ``check`` runs before any job starts (cheap, no loading)."""
+
+    def check(self, path: Path) -> None:
+        """Raise ``QuantmillError`` naming the problem if ``path`` cannot be loaded."""
+
+    def accepts(self, path: Path) -> bool:
+        """Whether ``source: auto`` should pick this source for ``path``."""
+        return False
+
+    @abc.abstractmethod
+    def load(self, path: Path, device: torch.device) -> LoadedModel: ...
+
+    def load_tokenizer(self, path: Path) -> Any:
+        """Only the tokenizer (calibration needs no weights); sources override this when they
+        can read it without loading the model."""
+        return self.load(path, torch.device("cpu")).tokenizer
+
+
+class CalibrationSource(Plugin):
+    """Produces calibration token ids with a model's tokenizer."""
+
+    def check(self) -> None:
+        """Raise ``QuantmillError`` naming the problem if the data cannot be read."""
+
+    def data_files(self) -> list[Path]:
+        """The files the calibration set is drawn from (registered as dataset artifacts)."""
+        return []
+
+    @abc.abstractmethod
+    def build(self, tokenizer: Any) -> CalibrationSet: ...
+
+
+class BitAllocator(Plugin):
+    """Turns a model and the recipe's quantization settings into an explicit per-module plan."""
+
+    @abc.abstractmethod
+    def plan(
+        self,
+        model: torch.nn.Module,
+        quantizable: list[str],
+        default: ModuleQuantSpec,
+        calibration: CalibrationSet | None,
+    ) -> QuantPlan:
+        """Choose a spec for each of ``quantizable``; ``default`` is the quantizer's own."""
+
+
+class Quantizer(Plugin):
+    """Quantizes the linear modules a plan names; never mutates the model it is given."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    def default_spec(self) -> ModuleQuantSpec | None:
+        """The uniform spec from this quantizer's own settings (for the uniform allocator)."""
+        return None
+
+    def skip_patterns(self) -> list[str]:
+        """Module-name patterns (fnmatch) that must stay in float."""
+        return []
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        plan: QuantPlan,
+        calibration: CalibrationSet | None,
+    ) -> QuantizationResult: ...
+
+
+class Evaluator(Plugin):
+    """Measures a model (perplexity, size, speed...)."""
+
+    def check(self) -> None:
+        """Raise ``QuantmillError`` naming the problem if the evaluator's inputs are missing."""
+
+    def data_files(self) -> list[Path]:
+        return []
+
+    @abc.abstractmethod
+    def evaluate(self, loaded: LoadedModel, checkpoint_dir: Path | None) -> EvaluationResult: ...
+
+
+class Exporter(Plugin):
+    """Writes a quantized model as a checkpoint directory other runtimes can load.
+
+    ``format_name`` is recorded on the artifact and is also the name of the model source that
+    reads the checkpoint back (quantized models are evaluated from the written files, so the
+    numbers describe what users download, not an in-memory approximation).
+    """
+
+    format_name: ClassVar[str]
+
+    @abc.abstractmethod
+    def export(
+        self, loaded: LoadedModel, result: QuantizationResult, out_dir: Path
+    ) -> dict[str, Any]: ...
+
+
+class StorageBackend(Plugin):
+    """Content-addressed storage for files and directory trees (two required methods: a store
+    that cannot give its objects back is of no use to an auditor)."""
+
+    scheme: ClassVar[str]
+
+    @abc.abstractmethod
+    def put_tree(self, path: Path) -> StoredObject:
+        """Store a file or a directory tree; idempotent for identical content."""
+
+    @abc.abstractmethod
+    def fetch(self, uri: str, verify: bool = True) -> Path:
+        """A local path holding the object's content, hash-checked when ``verify``."""

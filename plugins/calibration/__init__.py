@@ -1,0 +1,1 @@
+"""Calibration sources: text and JSONL files tokenized into fixed-length samples."""

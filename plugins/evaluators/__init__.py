@@ -1,0 +1,1 @@
+"""Evaluators: perplexity, size."""

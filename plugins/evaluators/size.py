@@ -1,0 +1,70 @@
+"""The ``size`` evaluator: bytes on disk and effective bits per quantized weight.
+
+* ``disk_bytes``: every file of the checkpoint directory (or of the source model's files).
+* ``param_count``: elements of all parameters, counting quantized weights as unpacked elements.
+* ``quantized_weights``: elements of the weights held in packed form.
+* ``bits_per_weight``: bits of packed weights, zero points, scales and group indices per quantized
+  weight element, i.e. what the quantization really costs (4-bit g128 is about 4.25).
+  For an unquantized model it is the storage bits of its linear weights' dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantmill.plugins.base import EvaluationResult, Evaluator, LoadedModel, Metric
+from quantmill.plugins.hookspecs import hookimpl
+
+PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _disk_bytes(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def packed_stats(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(quantized weight elements, bits spent on them, other parameter elements)."""
+    quantized, bits = 0, 0
+    for module in model.modules():
+        if all(hasattr(module, name) for name in PACKED_BUFFERS):
+            quantized += int(module.in_features) * int(module.out_features)
+            bits += sum(getattr(module, name).numel() * getattr(module, name).element_size() * 8
+                        for name in PACKED_BUFFERS)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return quantized, bits, params
+
+
+class SizeEvaluator(Evaluator):
+    name = "size"
+
+    def evaluate(self, loaded: LoadedModel, checkpoint_dir: Path | None) -> EvaluationResult:
+        paths = [checkpoint_dir] if checkpoint_dir is not None else list(loaded.files)
+        disk = _disk_bytes(paths)
+        quantized, bits, params = packed_stats(loaded.model)
+        if quantized:
+            bits_per_weight = bits / quantized
+        else:
+            linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+            bits_per_weight = float(linears[0].weight.element_size() * 8) if linears else 0.0
+        metrics = [
+            Metric("disk_bytes", float(disk), "B"),
+            Metric("disk_mb", disk / 1e6, "MB"),
+            Metric("param_count", float(params + quantized)),
+            Metric("quantized_weights", float(quantized)),
+            Metric("bits_per_weight", bits_per_weight, "bit"),
+        ]
+        protocol = {"counted": "checkpoint directory" if checkpoint_dir else "source files"}
+        return EvaluationResult(self.name, metrics, protocol)
+
+
+@hookimpl
+def register_evaluators() -> list[type[Evaluator]]:
+    return [SizeEvaluator]

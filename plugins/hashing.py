@@ -1,0 +1,42 @@
+"""Content hashes: one definition for files and directory trees, used by storage and provenance.
+
+A tree's hash is the sha256 of its manifest: one line ``<sha256> <size> <relative/posix/path>\n``
+per regular file, sorted by path. Renaming, adding or editing any file changes it; timestamps and
+permissions do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_manifest(root: Path) -> list[tuple[str, str, int]]:
+    """``(relative path, sha256, size)`` for every regular file under ``root``, sorted."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        entries.append((path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size))
+    return entries
+
+
+def manifest_sha256(entries: list[tuple[str, str, int]]) -> str:
+    text = "".join(f"{sha} {size} {rel}\n" for rel, sha, size in sorted(entries))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_path(path: Path) -> tuple[str, int]:
+    """Hash and total size of a file or of a directory tree."""
+    if path.is_file():
+        return sha256_file(path), path.stat().st_size
+    entries = tree_manifest(path)
+    return manifest_sha256(entries), sum(size for _, _, size in entries)

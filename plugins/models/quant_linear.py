@@ -1,0 +1,173 @@
+"""A linear layer that runs straight from the GPTQ checkpoint layout.
+
+Why a module of our own rather than a runtime's kernel: quantmill reloads its own checkpoints to
+measure them (perplexity, size) on CPU-only machines where no GPTQ kernel exists, and it must
+measure exactly the integers it wrote. So the module keeps only the packed buffers (its memory is
+close to the file size) and dequantizes on the fly in float32, which reproduces
+``QuantizedWeight.dequantize()`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quantmill.plugins.base import QuantizedWeight
+from quantmill.plugins.formats.packing import (
+    pack_cols,
+    pack_rows,
+    packed_length,
+    unpack_cols,
+    unpack_rows,
+)
+
+#: checkpoint_format -> what to add to the stored zeros to get the true zero point. GPTQ v1
+#: (AutoGPTQ) stores ``zero - 1``; v2 (GPTQModel) stores the zero itself.
+ZERO_OFFSETS: dict[str, int] = {"gptq": 1, "gptq_v2": 0}
+
+
+def zero_offset_for(checkpoint_format: str) -> int:
+    """The zero offset of a checkpoint format, refusing formats we do not know."""
+    try:
+        return ZERO_OFFSETS[checkpoint_format]
+    except KeyError:
+        known = ", ".join(sorted(ZERO_OFFSETS))
+        raise ValueError(
+            f"unknown GPTQ checkpoint_format {checkpoint_format!r} (known: {known})"
+        ) from None
+
+
+def _num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+class GPTQLinear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W held as packed GPTQ integers, scales and zeros.
+
+    Buffers (the names and dtypes a GPTQ checkpoint uses):
+
+    * ``qweight`` int32 [in * bits / 32, out]: the integers packed along the input dimension;
+    * ``qzeros`` int32 [groups, out * bits / 32]: stored zeros (``zero - zero_offset``) packed
+      along the output dimension;
+    * ``scales`` fp16 [groups, out];
+    * ``g_idx`` int32 [in]: the group of each input column;
+    * ``bias`` fp16 [out] or None.
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        *,
+        bias: bool = False,
+        zero_offset: int = 0,
+        num_groups: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if zero_offset not in (0, 1):
+            raise ValueError(f"zero_offset must be 0 (gptq_v2) or 1 (gptq), got {zero_offset}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.zero_offset = zero_offset
+        groups = num_groups if num_groups is not None else _num_groups(in_features, group_size)
+        rows = packed_length(in_features, bits)
+        zero_cols = packed_length(out_features, bits)
+        # Allocated empty: the values come from a checkpoint (load_state_dict) or from_quantized.
+        self.register_buffer(
+            "qweight", torch.empty(rows, out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "qzeros", torch.empty(groups, zero_cols, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.empty(groups, out_features, dtype=torch.float16, device=device)
+        )
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
+        if bias:
+            self.register_buffer(
+                "bias", torch.empty(out_features, dtype=torch.float16, device=device)
+            )
+        else:
+            self.register_buffer("bias", None)
+
+    @property
+    def checkpoint_format(self) -> str:
+        return "gptq" if self.zero_offset == 1 else "gptq_v2"
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, checkpoint_format: str) -> GPTQLinear:
+        """Pack one ``QuantizedWeight`` into the layout of ``checkpoint_format``.
+
+        Refuses zeros that the format cannot store: v1 stores ``zero - 1``, so a zero of 0
+        (common for asymmetric quantization) would wrap to 2**bits - 1 and be read back as
+        2**bits; that is why asymmetric weights are written as gptq_v2.
+        """
+        offset = zero_offset_for(checkpoint_format)
+        zeros = qw.zeros.to(torch.int64)
+        maxq = (1 << qw.bits) - 1
+        if zeros.numel() and (int(zeros.min()) < offset or int(zeros.max()) > maxq):
+            raise ValueError(
+                f"zero points in [{int(zeros.min())}, {int(zeros.max())}] cannot be stored in "
+                f"checkpoint_format {checkpoint_format!r} at {qw.bits} bits "
+                f"(allowed [{offset}, {maxq}]); use gptq_v2"
+            )
+        module = cls(
+            qw.in_features,
+            qw.out_features,
+            qw.bits,
+            qw.group_size,
+            bias=qw.bias is not None,
+            zero_offset=offset,
+            num_groups=int(qw.scales.shape[0]),
+            device=qw.intweight.device,
+        )
+        # intweight [out, in] -> [in, out] -> packed [in * bits / 32, out]
+        module.qweight = pack_rows(qw.intweight.to(torch.int64).T, qw.bits)
+        # zeros [groups, out] -> packed [groups, out * bits / 32]
+        module.qzeros = pack_cols(zeros - offset, qw.bits)
+        module.scales = qw.scales.to(torch.float16).contiguous()
+        module.g_idx = qw.g_idx.to(torch.int32).contiguous()
+        if qw.bias is not None:
+            module.bias = qw.bias.detach().to(torch.float16).contiguous()
+        return module
+
+    def unpacked_zeros(self) -> torch.Tensor:
+        """The true zero points, int64 [groups, out] (the stored value plus zero_offset)."""
+        return unpack_cols(self.qzeros, self.bits, self.out_features).to(torch.int64) + (
+            self.zero_offset
+        )
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The weight as float32 [out, in]: ``(q - z[g_idx]) * s[g_idx]``, transposed.
+
+        Computed with the same float32 operations as ``QuantizedWeight.dequantize`` so the two
+        agree exactly.
+        """
+        q = unpack_rows(self.qweight, self.bits, self.in_features)  # [in, out]
+        gi = self.g_idx.long()
+        zeros = self.unpacked_zeros().to(torch.float32)[gi]  # [in, out]
+        scales = self.scales.to(torch.float32)[gi]  # [in, out]
+        return ((q.to(torch.float32) - zeros) * scales).T  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize_weight().to(x.dtype)  # transient: never cached on the module
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, "
+            f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,165 @@
+"""Built-in model sources: Hugging Face safetensors directories, GGUF files, and quantmill's own
+GPTQ-layout checkpoints.
+
+Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused outright: unpickling runs
+arbitrary code, and an audited pipeline must not execute what it is asked to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantmill.plugins.base import LoadedModel, ModelSource
+from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_MAGIC = b"GGUF"
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _has_quantization_config(path: Path, method: str) -> bool:
+    for name in ("quantize_config.json", "config.json"):
+        config_file = path / name
+        if not config_file.is_file():
+            continue
+        try:
+            data = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        section = data.get("quantization_config", data) if name == "config.json" else data
+        if isinstance(section, dict) and section.get("quant_method") == method:
+            return True
+    return False
+
+
+def check_weights_directory(path: Path) -> None:
+    """Raise a one-line QuantmillError unless ``path`` is a directory with safetensors weights."""
+    if not path.exists():
+        raise QuantmillError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise QuantmillError(f"model path is not a directory: {path}")
+    if not (path / "config.json").is_file():
+        raise QuantmillError(f"no config.json in model directory {path}")
+    if _safetensors_files(path):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QuantmillError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); quantmill refuses "
+            "pickle files because loading them can run arbitrary code: convert them to "
+            "safetensors first"
+        )
+    raise QuantmillError(f"no weights in model directory {path} (expected *.safetensors)")
+
+
+class HFDirectorySource(ModelSource):
+    """A local Hugging Face model directory with safetensors weights."""
+
+    name = "hf"
+
+    def check(self, path: Path) -> None:
+        check_weights_directory(path)
+
+    def accepts(self, path: Path) -> bool:
+        return path.is_dir() and not _has_quantization_config(path, "gptq")
+
+    def load(self, path: Path, device: torch.device) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.check(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        files = _safetensors_files(path) + [path / "config.json"]
+        return LoadedModel(model.to(device).eval(), tokenizer, path, "hf-safetensors", files)
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class GGUFSource(ModelSource):
+    """A ``.gguf`` file, dequantized to float32 by transformers (needs the ``gguf`` package)."""
+
+    name = "gguf"
+
+    def check(self, path: Path) -> None:
+        if not path.exists():
+            raise QuantmillError(f"model path does not exist: {path}")
+        if not path.is_file():
+            raise QuantmillError(f"GGUF model path is not a file: {path}")
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise QuantmillError(f"{path} is not a GGUF file (bad magic bytes)")
+
+    def accepts(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".gguf"
+
+    def load(self, path: Path, device: torch.device) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.check(path)
+        kwargs = {"gguf_file": path.name, "local_files_only": True}
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=torch.float32, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it; rebuild a
+        # plain float model from its config so every later step treats it like any other.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.tie_weights()
+        del gguf_model
+        return LoadedModel(model.to(device).eval(), tokenizer, path, "gguf", [path])
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                             local_files_only=True)
+
+
+class GPTQCheckpointSource(ModelSource):
+    """A GPTQ-layout checkpoint directory (quantmill's own output, or AutoGPTQ/GPTQModel's)."""
+
+    name = "gptq"
+
+    def check(self, path: Path) -> None:
+        check_weights_directory(path)
+        if not _has_quantization_config(path, "gptq"):
+            raise QuantmillError(f"{path} has no GPTQ quantization_config")
+
+    def accepts(self, path: Path) -> bool:
+        return path.is_dir() and _has_quantization_config(path, "gptq")
+
+    def load(self, path: Path, device: torch.device) -> LoadedModel:
+        from quantmill.plugins.formats.gptq import load_gptq_checkpoint
+
+        self.check(path)
+        return load_gptq_checkpoint(path, device=device)
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@hookimpl
+def register_model_sources() -> list[type[ModelSource]]:
+    return [GPTQCheckpointSource, HFDirectorySource, GGUFSource]

@@ -1,0 +1,194 @@
+"""Plain, frozen values that cross the registry's API: what callers get and what they pass in.
+
+Why not ORM rows: a row is tied to a session (lazy loads, expiry, accidental writes); an entity
+is just data, safe to cache, compare, log or hand to another thread. ``to_json()`` gives a
+JSON-ready ``dict`` (datetimes as ISO 8601 strings) for the CLI and reports.
+"""
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any, Literal
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Direction = Literal["input", "output"]
+
+
+def _json_value(value: Any) -> Any:
+    """Make one field value JSON-ready (datetimes to ISO strings, containers recursively)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    return value
+
+
+class _JsonMixin:
+    """``to_json()`` for flat dataclasses: every field, JSON-ready."""
+
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact(_JsonMixin):
+    """A registered, content-addressed artifact (its identity is ``sha256``)."""
+
+    id: int
+    kind: str
+    name: str
+    sha256: str
+    size_bytes: int
+    uri: str
+    format: str
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Run(_JsonMixin):
+    """One execution with everything needed to audit or repeat it."""
+
+    id: int
+    job_id: str
+    kind: str
+    name: str
+    status: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    plugins: dict[str, str]
+    versions: dict[str, str]
+    details: dict[str, Any]
+    flow_run_id: str | None
+    host: str
+    started_by: str
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunEdge(_JsonMixin):
+    """``run_id`` consumed (input) or produced (output) ``artifact_id`` in ``role``."""
+
+    run_id: int
+    artifact_id: int
+    direction: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRecord(_JsonMixin):
+    """A stored measurement of ``artifact_id``, optionally on data set ``dataset_artifact_id``."""
+
+    id: int
+    run_id: int
+    artifact_id: int
+    evaluator: str
+    dataset_artifact_id: int | None
+    name: str
+    value: float
+    unit: str | None
+    protocol: dict[str, Any]
+    protocol_sha256: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LineageGraph:
+    """Artifacts and runs reachable from ``root_id`` in one direction, within ``max_depth`` hops.
+
+    ``depths`` gives each artifact's shortest distance (in runs) from the root. ``edges`` are the
+    edges between the graph's runs and artifacts; ``metrics`` are those of the graph's artifacts.
+    Collections are ordered by id, so two graphs of the same history compare equal.
+    """
+
+    root_id: int
+    direction: Literal["upstream", "downstream"]
+    max_depth: int
+    artifacts: Mapping[int, Artifact]
+    depths: Mapping[int, int]
+    runs: Mapping[int, Run]
+    edges: tuple[RunEdge, ...]
+    metrics: tuple[MetricRecord, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The graph as JSON-ready lists (JSON objects cannot have integer keys)."""
+        return {
+            "root_id": self.root_id,
+            "direction": self.direction,
+            "max_depth": self.max_depth,
+            "artifacts": [
+                {**artifact.to_json(), "depth": self.depths[artifact_id]}
+                for artifact_id, artifact in sorted(self.artifacts.items())
+            ],
+            "runs": [run.to_json() for _, run in sorted(self.runs.items())],
+            "edges": [edge.to_json() for edge in self.edges],
+            "metrics": [metric.to_json() for metric in self.metrics],
+        }
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def check_sha256(value: str) -> str:
+    """Return ``value`` lower-cased if it is a full hex sha256, else raise ``ValueError``."""
+    lowered = value.lower()
+    if not SHA256_RE.match(lowered):
+        raise ValueError(f"not a sha256 (64 hex characters): {value!r}")
+    return lowered
+
+
+@dataclass(frozen=True, slots=True)
+class NewArtifact:
+    """An output artifact to register in ``Registry.finish_run``, with its role in the run."""
+
+    kind: str
+    name: str
+    sha256: str
+    size_bytes: int
+    uri: str
+    format: str
+    role: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", check_sha256(self.sha256))
+        if self.size_bytes < 0:
+            raise ValueError(f"size_bytes must be >= 0, got {self.size_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMetric:
+    """A measurement to record in ``Registry.finish_run``.
+
+    The measured artifact is named by exactly one of ``artifact_sha256`` (e.g. an output created
+    in the same call, whose id is not known yet) or ``artifact_id`` (an existing artifact).
+    """
+
+    evaluator: str
+    name: str
+    value: float
+    unit: str | None = None
+    protocol: dict[str, Any] = field(default_factory=dict)
+    artifact_sha256: str | None = None
+    artifact_id: int | None = None
+    dataset_artifact_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.artifact_sha256 is None) == (self.artifact_id is None):
+            raise ValueError("a NewMetric needs exactly one of artifact_sha256 or artifact_id")
+        if self.artifact_sha256 is not None:
+            object.__setattr__(self, "artifact_sha256", check_sha256(self.artifact_sha256))
+        value = float(self.value)
+        # NaN would become NULL in SQLite and infinities are not JSON: refuse both up front.
+        if not math.isfinite(value):
+            raise ValueError(f"metric {self.name!r} has a non-finite value: {self.value!r}")
+        object.__setattr__(self, "value", value)

@@ -1,0 +1,517 @@
+"""The registry store: the one API through which quantmill records and reads its history.
+
+Every public method runs in its own managed session (commit on success, rollback on any error)
+and returns frozen entities, never ORM rows. ``finish_run`` is a single transaction, so a run's
+outputs, edges, metrics and status appear together or not at all.
+"""
+
+import getpass
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Self
+
+from sqlalchemy import Engine, inspect, make_url, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from quantmill.registry import lineage, migrate
+from quantmill.registry.convert import (
+    artifact_entity,
+    edge_entity,
+    metric_entity,
+    run_entity,
+)
+from quantmill.registry.db import (
+    create_registry_engine,
+    create_session_factory,
+    is_sqlite_memory,
+    redact_url,
+    resolve_database_url,
+)
+from quantmill.registry.entities import (
+    Artifact,
+    LineageGraph,
+    MetricRecord,
+    NewArtifact,
+    NewMetric,
+    Run,
+    RunEdge,
+)
+from quantmill.registry.errors import (
+    AmbiguousReference,
+    ArtifactConflict,
+    ArtifactNotFound,
+    RegistryError,
+    RegistryUnavailable,
+    RunNotFound,
+    RunStateError,
+    SchemaOutdated,
+    SchemaTooNew,
+)
+from quantmill.registry.hashing import json_sha256
+from quantmill.registry.models import (
+    ArtifactRow,
+    Base,
+    MetricRow,
+    RunEdgeRow,
+    RunRow,
+    utcnow,
+)
+
+#: The shortest sha256 prefix accepted as an artifact reference (shorter ones collide too often).
+MIN_PREFIX = 6
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+def upgrade_command(url: str) -> str:
+    """The shell command that brings the database at ``url`` to the current schema.
+
+    The password is shown as ``***``: the user types it, the message never carries it.
+    """
+    command = f"quantmill registry upgrade --database-url '{redact_url(url)}'"
+    if make_url(url).password:
+        command += " (with the real password in place of ***)"
+    return command
+
+
+def _current_user() -> str:
+    """Who started a run; ``getpass`` fails in containers whose uid has no passwd entry."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+class Registry:
+    """Artifacts, runs, their lineage edges and metrics, in one SQL database.
+
+    Create with ``Registry.open(url)``; use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        """Wrap an engine whose schema is known to be current; prefer ``Registry.open``."""
+        self._engine = engine
+        self._url = url
+        self._sessions: sessionmaker[Session] = create_session_factory(engine)
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str | None = None, *, auto_create: bool = True) -> Self:
+        """Connect to the registry at ``url`` (explicit, else ``$QUANTMILL_DATABASE_URL``, else
+        the embedded SQLite default) and check its schema.
+
+        A database without any quantmill table is migrated to the head revision when
+        ``auto_create`` (so the default just works). Any other revision than the head raises
+        ``SchemaOutdated`` naming the upgrade command, or ``SchemaTooNew``.
+        """
+        resolved = resolve_database_url(url)
+        engine = create_registry_engine(resolved)
+        try:
+            cls._prepare_schema(engine, resolved, auto_create)
+        except OperationalError as exc:
+            engine.dispose()
+            raise RegistryUnavailable(
+                f"cannot use the registry database {redact_url(resolved)}: {exc.orig or exc}"
+            ) from exc
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, resolved)
+
+    @staticmethod
+    def _prepare_schema(engine: Engine, url: str, auto_create: bool) -> None:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+            revision = migrate.connection_revision(connection)
+        head = migrate.head_revision()
+        if revision == head:
+            return
+        ours = tables & set(Base.metadata.tables)
+        shown = redact_url(url)
+        if revision is None and not ours:
+            if not auto_create:
+                raise SchemaOutdated(
+                    f"the registry database {shown} has no quantmill schema; create it with: "
+                    f"{upgrade_command(url)}"
+                )
+            if is_sqlite_memory(url):
+                with engine.begin() as connection:
+                    migrate.upgrade(url, "head", connection=connection)
+            else:
+                migrate.upgrade(url, "head")
+            return
+        if revision is None:
+            raise SchemaOutdated(
+                f"the registry database {shown} has quantmill tables ({', '.join(sorted(ours))}) "
+                f"but no migration revision; it was not created by `quantmill registry upgrade`, "
+                f"so move it aside and run: {upgrade_command(url)}"
+            )
+        if revision not in migrate.known_revisions():
+            raise SchemaTooNew(
+                f"the registry database {shown} is at schema revision {revision!r}, which this "
+                f"quantmill does not know (head is {head!r}): a newer quantmill migrated it; "
+                f"upgrade quantmill"
+            )
+        raise SchemaOutdated(
+            f"the registry database {shown} is at schema revision {revision!r}, but this "
+            f"quantmill needs {head!r}; upgrade it with: {upgrade_command(url)}"
+        )
+
+    @property
+    def url(self) -> str:
+        """The database URL with the password hidden."""
+        return redact_url(self._url)
+
+    def close(self) -> None:
+        """Release every pooled connection (needed before e.g. dropping the database)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """One session and one transaction: commit when the block ends, roll back if it raises."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- artifacts -----------------------------------------------------------------------------
+
+    def upsert_artifact(
+        self,
+        *,
+        kind: str,
+        name: str,
+        sha256: str,
+        size_bytes: int,
+        uri: str,
+        format: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> Artifact:
+        """Register content by its sha256, or return the artifact already registered with it.
+
+        Content-addressed: the first registration's kind, name, uri and metadata win.
+        """
+        new = NewArtifact(
+            kind=kind,
+            name=name,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            uri=uri,
+            format=format,
+            role="",
+            metadata=metadata or {},
+        )
+        with self._transaction() as session:
+            return artifact_entity(self._upsert(session, new))
+
+    def _upsert(self, session: Session, new: NewArtifact) -> ArtifactRow:
+        """Insert unless the sha256 exists, then read the row back.
+
+        Race-safe without savepoints: ``INSERT ... ON CONFLICT (sha256) DO NOTHING`` lets two
+        writers register the same content at once, and both then select the one row.
+        """
+        values = {
+            "kind": new.kind,
+            "name": new.name,
+            "sha256": new.sha256,
+            "size_bytes": new.size_bytes,
+            "uri": new.uri,
+            "format": new.format,
+            "metadata": dict(new.metadata),
+            "created_at": utcnow(),
+        }
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            statement = postgresql_insert(ArtifactRow.__table__).on_conflict_do_nothing(
+                index_elements=["sha256"]
+            )
+        elif dialect == "sqlite":
+            statement = sqlite_insert(ArtifactRow.__table__).on_conflict_do_nothing(
+                index_elements=["sha256"]
+            )
+        else:
+            raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+        # A Core insert on the table: the JSON column goes by its column name, "metadata".
+        session.execute(statement.values(**values))
+        row = session.scalars(select(ArtifactRow).where(ArtifactRow.sha256 == new.sha256)).one()
+        if row.size_bytes != new.size_bytes:
+            raise ArtifactConflict(
+                f"sha256 {new.sha256} is registered with {row.size_bytes} bytes, "
+                f"not {new.size_bytes}"
+            )
+        return row
+
+    def get_artifact(self, ref: int | str) -> Artifact:
+        """The artifact with id ``ref`` (int), or whose sha256 is or starts with ``ref`` (str,
+        at least 6 hex characters)."""
+        with self._transaction() as session:
+            return artifact_entity(self._artifact_row(session, ref))
+
+    def _artifact_row(self, session: Session, ref: int | str) -> ArtifactRow:
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            row = session.get(ArtifactRow, ref)
+            if row is None:
+                raise ArtifactNotFound(f"no artifact with id {ref}")
+            return row
+        if not isinstance(ref, str):
+            raise TypeError(f"an artifact reference is an int id or a sha256 str, not {ref!r}")
+        prefix = ref.strip().lower()
+        if len(prefix) < MIN_PREFIX or len(prefix) > 64 or not _HEX_RE.match(prefix):
+            raise ArtifactNotFound(
+                f"no artifact matches {ref!r}: a reference is an id or a sha256 prefix of "
+                f"{MIN_PREFIX} to 64 hex characters"
+            )
+        # The prefix is plain hex, so it cannot contain LIKE wildcards.
+        rows = session.scalars(
+            select(ArtifactRow).where(ArtifactRow.sha256.like(f"{prefix}%")).limit(2)
+        ).all()
+        if not rows:
+            raise ArtifactNotFound(f"no artifact with a sha256 starting with {ref!r}")
+        if len(rows) > 1:
+            raise AmbiguousReference(
+                f"more than one artifact has a sha256 starting with {ref!r}; give more characters"
+            )
+        return rows[0]
+
+    def list_artifacts(
+        self, kind: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Artifact]:
+        """Artifacts, newest first, optionally of one ``kind``."""
+        query = select(ArtifactRow)
+        if kind is not None:
+            query = query.where(ArtifactRow.kind == kind)
+        query = query.order_by(ArtifactRow.created_at.desc(), ArtifactRow.id.desc())
+        with self._transaction() as session:
+            rows = session.scalars(query.limit(limit).offset(offset))
+            return [artifact_entity(row) for row in rows]
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        job_id: str,
+        kind: str,
+        name: str,
+        recipe: dict[str, Any],
+        plugins: dict[str, str],
+        versions: dict[str, str],
+        flow_run_id: str | None = None,
+        details: dict[str, Any] | None = None,
+        inputs: Sequence[tuple[int, str]] = (),
+    ) -> Run:
+        """Record a run as ``running``, with its ``(artifact_id, role)`` input edges."""
+        with self._transaction() as session:
+            row = RunRow(
+                job_id=job_id,
+                kind=kind,
+                name=name,
+                status="running",
+                recipe=dict(recipe),
+                recipe_sha256=json_sha256(recipe),
+                plugins=dict(plugins),
+                versions=dict(versions),
+                details=dict(details or {}),
+                flow_run_id=flow_run_id,
+                host=socket.gethostname(),
+                started_by=_current_user(),
+                started_at=utcnow(),
+            )
+            session.add(row)
+            session.flush()
+            for artifact_id, role in dict.fromkeys(inputs):
+                self._artifact_row(session, artifact_id)
+                session.add(
+                    RunEdgeRow(run_id=row.id, artifact_id=artifact_id, direction="input", role=role)
+                )
+            session.flush()
+            return run_entity(row)
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        outputs: Sequence[NewArtifact | tuple[int, str]] = (),
+        metrics: Sequence[NewMetric] = (),
+        details: dict[str, Any] | None = None,
+    ) -> Run:
+        """Mark a running run ``succeeded`` with its outputs and metrics, in ONE transaction.
+
+        ``outputs`` are new artifacts (upserted by sha256) or ``(artifact_id, role)`` pairs;
+        ``metrics`` may name their artifact by sha256 (e.g. an output of this very call) or id.
+        ``details`` keys are merged into the run's details. On any error nothing of this call
+        is stored and the run stays ``running``: call ``fail_run`` then.
+        """
+        with self._transaction() as session:
+            run = self._running_run(session, run_id)
+            edges: dict[tuple[int, str], None] = {}
+            for output in outputs:
+                if isinstance(output, NewArtifact):
+                    artifact = self._upsert(session, output)
+                    edges[(artifact.id, output.role)] = None
+                else:
+                    artifact_id, role = output
+                    edges[(self._artifact_row(session, artifact_id).id, role)] = None
+            for artifact_id, role in edges:
+                edge = RunEdgeRow(
+                    run_id=run.id, artifact_id=artifact_id, direction="output", role=role
+                )
+                session.add(edge)
+            for metric in metrics:
+                session.add(self._metric_row(session, run.id, metric))
+            if details:
+                run.details = {**run.details, **details}
+            run.status = "succeeded"
+            run.finished_at = utcnow()
+            session.flush()
+            return run_entity(run)
+
+    def _metric_row(self, session: Session, run_id: int, metric: NewMetric) -> MetricRow:
+        """A metric row with its artifact references resolved (unknown ones raise)."""
+        if metric.artifact_sha256 is not None:
+            found = session.scalars(
+                select(ArtifactRow.id).where(ArtifactRow.sha256 == metric.artifact_sha256)
+            ).one_or_none()
+            if found is None:
+                raise ArtifactNotFound(
+                    f"metric {metric.name!r} refers to artifact sha256 {metric.artifact_sha256}, "
+                    f"which is neither an output of this run nor registered"
+                )
+            artifact_id = found
+        elif metric.artifact_id is not None:
+            artifact_id = self._artifact_row(session, metric.artifact_id).id
+        else:  # NewMetric.__post_init__ already refuses this
+            raise ValueError(f"metric {metric.name!r} names no artifact")
+        if metric.dataset_artifact_id is not None:
+            self._artifact_row(session, metric.dataset_artifact_id)
+        return MetricRow(
+            run_id=run_id,
+            artifact_id=artifact_id,
+            evaluator=metric.evaluator,
+            dataset_artifact_id=metric.dataset_artifact_id,
+            name=metric.name,
+            value=metric.value,
+            unit=metric.unit,
+            protocol=dict(metric.protocol),
+            protocol_sha256=json_sha256(metric.protocol),
+            created_at=utcnow(),
+        )
+
+    def fail_run(self, run_id: int, error: str) -> Run:
+        """Mark a running run ``failed`` with the error text."""
+        with self._transaction() as session:
+            run = self._running_run(session, run_id)
+            run.status = "failed"
+            run.error = error
+            run.finished_at = utcnow()
+            session.flush()
+            return run_entity(run)
+
+    def _running_run(self, session: Session, run_id: int) -> RunRow:
+        """The run, locked against a concurrent finish (PostgreSQL), if it is still running."""
+        run = session.get(RunRow, run_id, with_for_update=True)
+        if run is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        if run.status != "running":
+            raise RunStateError(f"run {run_id} is already {run.status}, not running")
+        return run
+
+    def get_run(self, run_id: int) -> Run:
+        """The run with this id."""
+        with self._transaction() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise RunNotFound(f"no run with id {run_id}")
+            return run_entity(run)
+
+    def list_runs(
+        self,
+        *,
+        job_id: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Runs, newest first, optionally filtered by job, kind and status."""
+        query = select(RunRow)
+        if job_id is not None:
+            query = query.where(RunRow.job_id == job_id)
+        if kind is not None:
+            query = query.where(RunRow.kind == kind)
+        if status is not None:
+            query = query.where(RunRow.status == status)
+        query = query.order_by(RunRow.started_at.desc(), RunRow.id.desc())
+        with self._transaction() as session:
+            return [run_entity(row) for row in session.scalars(query.limit(limit).offset(offset))]
+
+    def run_edges(self, run_id: int) -> list[RunEdge]:
+        """The run's input and output edges (inputs first)."""
+        with self._transaction() as session:
+            rows = session.scalars(select(RunEdgeRow).where(RunEdgeRow.run_id == run_id))
+            edges = [edge_entity(row) for row in rows]
+        return sorted(edges, key=lambda e: (e.direction, e.artifact_id, e.role))
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    def metrics_for_artifact(self, artifact_id: int) -> list[MetricRecord]:
+        """Every measurement of the artifact, oldest first."""
+        query = select(MetricRow).where(MetricRow.artifact_id == artifact_id)
+        with self._transaction() as session:
+            return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
+
+    def metrics_for_run(self, run_id: int) -> list[MetricRecord]:
+        """Every measurement recorded by the run, in recording order."""
+        query = select(MetricRow).where(MetricRow.run_id == run_id)
+        with self._transaction() as session:
+            return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
+
+    def find_metrics(
+        self,
+        *,
+        artifact_id: int,
+        evaluator: str,
+        protocol: dict[str, Any],
+        dataset_artifact_id: int | None = None,
+    ) -> list[MetricRecord]:
+        """Earlier measurements of ``artifact_id`` by ``evaluator`` under an identical protocol
+        and data set, so a rerun can reuse them instead of measuring again.
+
+        Protocols are compared by the sha256 of their canonical JSON (key order is irrelevant).
+        """
+        query = select(MetricRow).where(
+            MetricRow.artifact_id == artifact_id,
+            MetricRow.evaluator == evaluator,
+            MetricRow.protocol_sha256 == json_sha256(protocol),
+        )
+        if dataset_artifact_id is None:
+            query = query.where(MetricRow.dataset_artifact_id.is_(None))
+        else:
+            query = query.where(MetricRow.dataset_artifact_id == dataset_artifact_id)
+        with self._transaction() as session:
+            return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
+
+    # --- lineage -------------------------------------------------------------------------------
+
+    def upstream(self, artifact_id: int, max_depth: int = 50) -> LineageGraph:
+        """What the artifact was made from, up to ``max_depth`` runs back."""
+        with self._transaction() as session:
+            return lineage.upstream(session, artifact_id, max_depth)
+
+    def downstream(self, artifact_id: int, max_depth: int = 50) -> LineageGraph:
+        """What was made from the artifact, up to ``max_depth`` runs forward."""
+        with self._transaction() as session:
+            return lineage.downstream(session, artifact_id, max_depth)

@@ -1,0 +1,1 @@
+"""Storage backends: where checkpoints and calibration sets live, content-addressed by sha256."""

@@ -1,0 +1,102 @@
+"""The ``local`` storage backend: a content-addressed directory on this machine.
+
+Layout under the root (default ``$QUANTMILL_HOME/storage``)::
+
+    objects/sha256/<first two hex>/<sha256>    a file, or a directory tree (see plugins.hashing)
+    tmp/                                       staging; anything here is an unfinished write
+
+An object is copied into ``tmp/`` first and renamed into ``objects/`` only once complete, so a
+crash never leaves a half-written object under its hash. Reads re-hash the content and refuse a
+mismatch. Storing identical content twice is a no-op that returns the same URI.
+
+Sample recipe section::
+
+    storage:
+      backend: local
+      root: /data/quantmill-store     # optional
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from quantmill.plugins.base import PluginConfig, StorageBackend, StoredObject
+from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.hashing import sha256_path
+from quantmill.plugins.home import quantmill_home
+from quantmill.plugins.hookspecs import hookimpl
+
+
+class StorageIntegrityError(QuantmillError):
+    """Stored bytes no longer match the hash they were stored under."""
+
+
+class LocalStorageConfig(PluginConfig):
+    root: Path | None = None
+
+
+class LocalStorage(StorageBackend):
+    name = "local"
+    scheme = "file"
+    Config = LocalStorageConfig
+
+    @property
+    def root(self) -> Path:
+        return (self.config.root or quantmill_home() / "storage").expanduser().resolve()
+
+    def object_path(self, sha256: str) -> Path:
+        return self.root / "objects" / "sha256" / sha256[:2] / sha256
+
+    def put_tree(self, path: Path) -> StoredObject:
+        path = Path(path)
+        if not path.exists():
+            raise QuantmillError(f"cannot store {path}: it does not exist")
+        sha, size = sha256_path(path)
+        target = self.object_path(sha)
+        if not target.exists():
+            staging = self.root / "tmp" / f"{sha}.{uuid.uuid4().hex}"
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if path.is_dir():
+                    shutil.copytree(path, staging)
+                else:
+                    shutil.copy2(path, staging)
+                staged_sha, _ = sha256_path(staging)
+                if staged_sha != sha:
+                    raise StorageIntegrityError(f"{path} changed while it was being stored")
+                try:
+                    os.rename(staging, target)
+                except OSError:
+                    if not target.exists():  # not a lost race with an identical writer
+                        raise
+            finally:
+                if staging.is_dir():
+                    shutil.rmtree(staging, ignore_errors=True)
+                elif staging.exists():
+                    staging.unlink()
+        return StoredObject(uri=target.as_uri(), sha256=sha, size_bytes=size)
+
+    def fetch(self, uri: str, verify: bool = True) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme != self.scheme:
+            raise QuantmillError(f"local storage cannot read '{uri}' (expected a file:// URI)")
+        path = Path(unquote(parsed.path))
+        if not path.exists():
+            raise QuantmillError(f"stored object is missing: {path}")
+        if verify:
+            actual, _ = sha256_path(path)
+            if actual != path.name:
+                raise StorageIntegrityError(
+                    f"stored object {path} was modified: sha256 is now {actual}"
+                )
+        return path
+
+
+@hookimpl
+def register_storage_backends() -> list[type[StorageBackend]]:
+    return [LocalStorage]

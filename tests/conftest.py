@@ -1,0 +1,112 @@
+"""Shared fixtures: an isolated QUANTMILL_HOME, a tiny random Llama with a real (tiny, trained)
+tokenizer saved as a Hugging Face directory, and the WikiText-2 files shipped in the repo."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports quantmill.flows (which reads these): every test session gets its own
+# quantmill home, so tests never touch ~/.quantmill.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="quantmill-tests-"))
+os.environ["QUANTMILL_HOME"] = str(_SESSION_HOME)
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.pop("QUANTMILL_DATABASE_URL", None)
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO / "data" / "wikitext-2"
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    return WIKITEXT
+
+
+@pytest.fixture()
+def quantmill_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh QUANTMILL_HOME (registry, storage, work dirs) for one test."""
+    home = tmp_path / "qm-home"
+    home.mkdir()
+    monkeypatch.setenv("QUANTMILL_HOME", str(home))
+    monkeypatch.delenv("QUANTMILL_DATABASE_URL", raising=False)
+    return home
+
+
+def make_tiny_tokenizer(text: str, vocab_size: int = 512):
+    """A real byte-level BPE tokenizer trained on ``text`` (a second or so)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def tiny_llama_config(vocab_size: int = 512):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as safetensors with its tokenizer (session-wide, read-only)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tiny_tokenizer((WIKITEXT / "valid.txt").read_text()[:200_000])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _merge(recipe: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+@pytest.fixture()
+def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
+    """``make(**overrides) -> path``: writes a small RTN recipe for the tiny model (sections in
+    ``overrides`` are merged key by key, other values replace)."""
+    import yaml
+
+    def make(name: str = "recipe.yaml", **overrides) -> Path:
+        recipe = {
+            "name": "tiny-rtn",
+            "model": {"path": str(tiny_model_dir), "source": "hf"},
+            "calibration": {"source": "text", "path": str(WIKITEXT / "valid.txt"),
+                            "num_samples": 4, "seq_len": 32, "seed": 0},
+            "quantization": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False},
+            "evaluation": [
+                {"evaluator": "perplexity", "dataset": str(WIKITEXT / "test.txt"),
+                 "seq_len": 64, "max_windows": 4, "batch_size": 2},
+                {"evaluator": "size"},
+            ],
+            "export": {"format": "gptq"},
+            "device": "cpu",
+        }
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(_merge(recipe, overrides), sort_keys=False))
+        return path
+
+    return make

@@ -1,0 +1,94 @@
+"""Bad input stops the CLI with one clear line and a non-zero exit, before anything is
+registered (validation runs before Prefect or the registry are touched)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from quantmill.flows.cli import app
+
+runner = CliRunner()
+
+
+def _run(path: Path) -> tuple[int, str]:
+    result = runner.invoke(app, ["run", str(path)])
+    return result.exit_code, result.stderr.strip()
+
+
+def _assert_nothing_registered(home: Path) -> None:
+    from quantmill.registry import Registry
+
+    with Registry.open() as reg:
+        assert reg.list_artifacts() == []
+        assert reg.list_runs() == []
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "empty-model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _pickle_dir(tmp_path: Path) -> Path:
+    d = _empty_dir(tmp_path)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    return d
+
+
+def _empty_calibration(tmp_path: Path) -> Path:
+    f = tmp_path / "empty.txt"
+    f.write_text("")
+    return f
+
+
+CASES = [
+    ("missing model path", lambda t, m: {"model": {"path": str(t / "nope"), "source": "hf"}},
+     "model path does not exist"),
+    ("no weights", lambda t, m: {"model": {"path": str(_empty_dir(t)), "source": "hf"}},
+     "no weights in model directory"),
+    ("pickle only", lambda t, m: {"model": {"path": str(_pickle_dir(t)), "source": "hf"}},
+     "refuses pickle files"),
+    ("unknown quantizer", lambda t, m: {"quantization": {"method": "magic"}},
+     "unknown quantizer 'magic'"),
+    ("unknown evaluator", lambda t, m: {"evaluation": [{"evaluator": "vibes"}]},
+     "unknown evaluator 'vibes'"),
+    ("bits too high", lambda t, m: {"quantization": {"bits": 9}}, "quantization.bits"),
+    ("bits too low", lambda t, m: {"quantization": {"bits": 1}}, "quantization.bits"),
+    ("group size 0", lambda t, m: {"quantization": {"group_size": 0}},
+     "group_size must be -1 (per channel) or positive, got 0"),
+    ("group size -2", lambda t, m: {"quantization": {"group_size": -2}},
+     "group_size must be -1 (per channel) or positive, got -2"),
+    ("unknown recipe key", lambda t, m: {"quantisation": {}}, "unknown key 'quantisation'"),
+    ("unknown plugin key", lambda t, m: {"quantization": {"bitz": 3}},
+     "unknown key 'quantization.bitz'"),
+    ("empty calibration", lambda t, m: {"calibration": {"path": str(_empty_calibration(t))}},
+     "calibration file is empty"),
+]
+
+
+@pytest.mark.parametrize("label,override,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path: Path, quantmill_home: Path, tiny_model_dir: Path, tiny_recipe,
+                   label: str, override, message: str) -> None:
+    code, err = _run(tiny_recipe(**override(tmp_path, tiny_model_dir)))
+    assert code == 2, err
+    assert message in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:")
+    _assert_nothing_registered(quantmill_home)
+
+
+def test_missing_recipe_file(tmp_path: Path, quantmill_home: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
+    assert "recipe file not found" in result.stderr
+
+
+def test_validate_accepts_good_recipe(tiny_recipe) -> None:
+    path = tiny_recipe()
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "is valid" in result.stdout

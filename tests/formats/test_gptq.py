@@ -1,0 +1,421 @@
+"""GPTQ checkpoints: write a tiny quantized Llama, read it back, compare exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantmill.plugins.base import (
+    LoadedModel,
+    ModuleQuantSpec,
+    QuantizationResult,
+    QuantizedWeight,
+    QuantPlan,
+)
+from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.formats import gptq
+from quantmill.plugins.formats.gptq import (
+    GPTQExporter,
+    load_gptq_checkpoint,
+    write_gptq_checkpoint,
+)
+from quantmill.plugins.models.quant_linear import GPTQLinear
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    settings = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    with torch.no_grad():  # non-trivial norms and biases so a lost tensor shows in the logits
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def rtn(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest per group (min/max), scales rounded to fp16: a test-only quantizer."""
+    out_features, in_features = w.shape
+    maxq = 2**bits - 1
+    if g_idx is None:
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    groups = int(g_idx.max()) + 1
+    scales = torch.empty(groups, out_features)
+    zeros = torch.empty(groups, out_features, dtype=torch.int32)
+    intweight = torch.empty(out_features, in_features, dtype=torch.uint8)
+    for g in range(groups):
+        cols = (g_idx == g).nonzero().flatten()
+        wg = w[:, cols].float()  # [out, cols in group]
+        lo = wg.amin(dim=1).clamp(max=0)
+        hi = wg.amax(dim=1).clamp(min=0)
+        if sym:
+            scale = (2 * torch.maximum(lo.abs(), hi) / maxq).clamp_min(1e-6)
+            zero = torch.full_like(scale, 2 ** (bits - 1))
+        else:
+            scale = ((hi - lo) / maxq).clamp_min(1e-6)
+        scale = scale.half().float()
+        if not sym:
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+        q = torch.clamp(torch.round(wg / scale[:, None]) + zero[:, None], 0, maxq)
+        scales[g] = scale
+        zeros[g] = zero.to(torch.int32)
+        intweight[:, cols] = q.to(torch.uint8)
+    return QuantizedWeight(intweight, scales, zeros, g_idx, bits, group_size, sym)
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = True,
+    bits_for: dict[str, int] | None = None,
+    permute: bool = False,
+) -> QuantizationResult:
+    weights: dict[str, QuantizedWeight] = {}
+    specs: dict[str, ModuleQuantSpec] = {}
+    for name, module in model.named_modules():
+        if not name.endswith(PROJECTIONS):
+            continue
+        b = (bits_for or {}).get(name.rsplit(".", 1)[-1], bits)
+        g_idx = None
+        if permute:  # act-order style: groups of a shuffled column order
+            order = torch.randperm(module.in_features, generator=torch.Generator().manual_seed(1))
+            g_idx = torch.empty(module.in_features, dtype=torch.int32)
+            g_idx[order] = torch.arange(module.in_features, dtype=torch.int32) // group_size
+        qw = rtn(module.weight.detach(), b, group_size, sym, g_idx)
+        if module.bias is not None:
+            qw.bias = module.bias.detach().clone()
+        weights[name] = qw
+        specs[name] = ModuleQuantSpec(b, group_size, sym, "rtn")
+    return QuantizationResult(weights, QuantPlan(specs), {"damp_percent": 0.01})
+
+
+def reference_model(model: torch.nn.Module, result: QuantizationResult) -> torch.nn.Module:
+    """The float model the checkpoint stands for: other tensors through fp16, dequantized W."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.copy_(param.half().float())
+        for name, qw in result.weights.items():  # a new Parameter: a quantized lm_head unties
+            ref.get_submodule(name).weight = torch.nn.Parameter(qw.dequantize())
+    return ref
+
+
+def loaded(model: torch.nn.Module) -> LoadedModel:
+    return LoadedModel(model, None, Path("/nonexistent"), "hf-safetensors")
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = (torch.arange(14) * 17 % 64).reshape(2, 7)  # [batch 2, seq 7]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def gptq_modules(model: torch.nn.Module) -> dict[str, GPTQLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
+
+
+def assert_round_trip(model: torch.nn.Module, result: QuantizationResult, out: Path) -> None:
+    back = load_gptq_checkpoint(out).model
+    modules = gptq_modules(back)
+    assert set(modules) == set(result.weights)
+    for name, qw in result.weights.items():
+        assert modules[name].bits == qw.bits
+        assert torch.equal(modules[name].dequantize_weight(), qw.dequantize()), name
+    torch.testing.assert_close(logits(back), logits(reference_model(model, result)),
+                               rtol=1e-5, atol=1e-6)
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_symmetric_writes_v1_and_round_trips(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model, bits=4, group_size=32, sym=True)
+    out = tmp_path / "ckpt"
+    summary = write_gptq_checkpoint(loaded(model), result, out)
+    assert summary["checkpoint_format"] == "gptq"
+    assert {"model.safetensors", "config.json", "quantize_config.json"} <= set(summary["files"])
+    assert summary["bits"]["model.layers.0.self_attn.q_proj"] == 4
+    assert_round_trip(model, result, out)
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        keys = set(f.keys())
+        name = "model.layers.1.mlp.down_proj"  # in=128, out=64
+        assert f.get_tensor(f"{name}.qweight").shape == (128 * 4 // 32, 64)
+        assert f.get_tensor(f"{name}.qweight").dtype == torch.int32
+        assert f.get_tensor(f"{name}.qzeros").shape == (4, 64 * 4 // 32)
+        assert f.get_tensor(f"{name}.scales").dtype == torch.float16
+        assert f.get_tensor(f"{name}.g_idx").dtype == torch.int32
+        # v1 stores zero - 1: every symmetric 4-bit zero is 8, so every nibble is 7
+        assert (f.get_tensor(f"{name}.qzeros") == 0x77777777).all()
+        assert f.get_tensor("model.norm.weight").dtype == torch.float16
+    assert "lm_head.weight" not in keys  # tied: written once, as the embedding
+    assert "model.embed_tokens.weight" in keys
+    assert not any(k.endswith(".weight") and k.rsplit(".", 2)[-2] in PROJECTIONS for k in keys)
+    assert not any("rotary" in k for k in keys)
+
+    back = load_gptq_checkpoint(out).model
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    # non-persistent buffers are rebuilt, not left empty
+    assert torch.equal(back.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert back.model.embed_tokens.weight.dtype == torch.float32
+    assert not back.training
+
+
+def test_config_files(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model, bits=4, group_size=32, sym=True)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 32 and qcfg["sym"] is True
+    assert qcfg["desc_act"] is False and qcfg["lm_head"] is False
+    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq"
+    assert qcfg["pack_dtype"] == "int32" and qcfg["static_groups"] is False
+    assert qcfg["true_sequential"] is True and qcfg["damp_percent"] == 0.01
+    assert qcfg["meta"]["quantizer"][0].startswith("quantmill:")
+    assert qcfg["meta"]["uri"] == "https://github.com/quantmill/quantmill"
+    assert "dynamic" not in qcfg and "quantmill_note" not in qcfg
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == qcfg
+    assert config["dtype"] == "float16" and config["model_type"] == "llama"
+    assert config["tie_word_embeddings"] is True
+    assert (out / "generation_config.json").is_file()
+
+
+def test_asymmetric_writes_v2_with_bias_and_short_last_group(tmp_path: Path) -> None:
+    model = tiny_llama(seed=1, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # an all-positive weight gets zero points of 0
+        model.model.layers[0].self_attn.q_proj.weight.abs_()
+    result = quantize_model(model, bits=3, group_size=48, sym=False)  # 64 = 48 + 16
+    assert any(int(qw.zeros.min()) == 0 for qw in result.weights.values())  # v1 could not
+    out = tmp_path / "ckpt"
+    summary = write_gptq_checkpoint(loaded(model), result, out)
+    assert summary["checkpoint_format"] == "gptq_v2"
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["checkpoint_format"] == "gptq_v2" and qcfg["sym"] is False
+    assert qcfg["group_size"] == 48 and qcfg["desc_act"] is False
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.scales").shape == (2, 64)
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.bias").dtype == torch.float16
+    assert_round_trip(model, result, out)
+    assert gptq_modules(load_gptq_checkpoint(out).model)[
+        "model.layers.0.self_attn.q_proj"
+    ].zero_offset == 0
+
+
+def test_forced_formats(tmp_path: Path) -> None:
+    model = tiny_llama()
+    sym = quantize_model(model, sym=True)
+    summary = write_gptq_checkpoint(
+        loaded(model), sym, tmp_path / "v2", checkpoint_format="gptq_v2"
+    )
+    assert summary["checkpoint_format"] == "gptq_v2"
+    assert_round_trip(model, sym, tmp_path / "v2")
+    asym = quantize_model(model, sym=False)
+    with pytest.raises(QuantmillError, match="gptq_v2"):
+        write_gptq_checkpoint(loaded(model), asym, tmp_path / "v1", checkpoint_format="gptq")
+    assert not (tmp_path / "v1").exists()
+
+
+def test_mixed_sym_and_asym_uses_v2(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model, sym=True)
+    name = "model.layers.0.mlp.up_proj"
+    result.weights[name] = rtn(model.get_submodule(name).weight.detach(), 4, 32, sym=False)
+    summary = write_gptq_checkpoint(loaded(model), result, tmp_path / "ckpt")
+    assert summary["checkpoint_format"] == "gptq_v2"
+    qcfg = summary["quantize_config"]
+    assert qcfg["sym"] is True
+    assert qcfg["dynamic"] == {gptq.dynamic_key(name): {"bits": 4, "group_size": 32, "sym": False}}
+    assert_round_trip(model, result, tmp_path / "ckpt")
+
+
+def test_mixed_bits_listed_in_dynamic(tmp_path: Path) -> None:
+    model = tiny_llama(tie_word_embeddings=False)
+    result = quantize_model(model, bits=4, bits_for={"down_proj": 8, "v_proj": 8})
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 4
+    overridden = {n for n, qw in result.weights.items() if qw.bits == 8}
+    assert len(overridden) == 4
+    assert qcfg["dynamic"] == {
+        f"+:^{n.replace('.', chr(92) + '.')}$": {"bits": 8, "group_size": 32} for n in overridden
+    }
+    assert_round_trip(model, result, out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" in f.keys()  # untied: both embeddings are written
+    assert gptq.module_spec("model.layers.1.mlp.down_proj", qcfg) == (8, 32)
+    assert gptq.module_spec("model.layers.1.mlp.up_proj", qcfg) == (4, 32)
+
+
+def test_quantized_tied_lm_head_unties(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model)
+    result.weights["lm_head"] = rtn(model.lm_head.weight.detach(), 8, 32, sym=True)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert config["quantization_config"]["lm_head"] is True
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.qweight" in f.keys() and "model.embed_tokens.weight" in f.keys()
+    assert_round_trip(model, result, out)
+
+
+def test_unusual_bits_are_written_with_a_note(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model, bits=5, group_size=32, sym=True)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 5 and "5" in qcfg["quantmill_note"]
+    assert_round_trip(model, result, out)
+
+
+def test_act_order_g_idx_sets_desc_act(tmp_path: Path) -> None:
+    model = tiny_llama()
+    result = quantize_model(model, bits=4, group_size=32, sym=True, permute=True)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
+    assert_round_trip(model, result, out)
+
+
+def test_loaded_memory_is_close_to_file_size(tmp_path: Path) -> None:
+    # Linear-dominated: hidden 128, intermediate 256, a 64-token vocabulary.
+    model = tiny_llama(hidden_size=128, intermediate_size=256, vocab_size=64)
+    result = quantize_model(model, bits=4, group_size=32)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    back = load_gptq_checkpoint(out).model
+    held = sum(t.numel() * t.element_size() for t in back.parameters())
+    held += sum(t.numel() * t.element_size() for t in back.buffers())
+    file_size = (out / "model.safetensors").stat().st_size
+    assert held <= 1.3 * file_size, (held, file_size)
+    # no module keeps a float copy of a quantized weight
+    assert not any(isinstance(m, torch.nn.Linear) and n in result.weights
+                   for n, m in back.named_modules())
+
+
+def test_gptq_linear_forward_in_half_and_meta_construction() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 64).abs()  # all positive: asymmetric zero points of 0
+    qw = rtn(w, 4, 32, sym=False)
+    qw.bias = torch.randn(32)
+    layer = GPTQLinear.from_quantized(qw, "gptq_v2")
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    x = torch.randn(3, 64)
+    expected = torch.nn.functional.linear(x, qw.dequantize(), qw.bias.half().float())
+    torch.testing.assert_close(layer(x), expected)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    meta = GPTQLinear(64, 32, 4, 32, bias=True, zero_offset=1, device="meta")
+    assert meta.qweight.is_meta and meta.qweight.shape == (8, 32)
+    with pytest.raises(ValueError, match="gptq_v2"):
+        GPTQLinear.from_quantized(qw, "gptq")  # asymmetric zeros include 0
+
+
+def test_reader_refuses_incomplete_directories(tmp_path: Path) -> None:
+    model = tiny_llama()
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), quantize_model(model), out)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(QuantmillError, match="model.safetensors"):
+        load_gptq_checkpoint(empty)
+
+    (out / "quantize_config.json").unlink()
+    config = json.loads((out / "config.json").read_text())
+    assert load_gptq_checkpoint(out).source_format == "gptq"  # config.json's copy suffices
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantmillError, match="quantization_config"):
+        load_gptq_checkpoint(out)
+    with pytest.raises(QuantmillError, match="not a directory"):
+        load_gptq_checkpoint(tmp_path / "missing")
+
+
+def test_no_partial_output_on_error(tmp_path: Path) -> None:
+    class BrokenTokenizer:
+        def save_pretrained(self, path: str) -> None:
+            (Path(path) / "tokenizer.json").write_text("{")
+            raise OSError("disk full")
+
+    model = tiny_llama()
+    out = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="disk full"):
+        write_gptq_checkpoint(
+            LoadedModel(model, BrokenTokenizer(), tmp_path, "hf"), quantize_model(model), out
+        )
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()
+    (out / "other").write_text("x")
+    with pytest.raises(QuantmillError, match="not empty"):
+        write_gptq_checkpoint(loaded(model), quantize_model(model), out)
+
+
+def test_exporter_plugin(tmp_path: Path) -> None:
+    assert gptq.register_exporters() == [GPTQExporter]
+    assert GPTQExporter.name == "gptq" and GPTQExporter.format_name == "gptq"
+    with pytest.raises(ValueError):
+        GPTQExporter.from_options({"checkpoint_format": "v3"})
+    model = tiny_llama()
+    out = tmp_path / "ckpt"
+    out.mkdir()  # an empty staging directory is fine
+    exporter = GPTQExporter.from_options({"checkpoint_format": "gptq_v2"})
+    summary = exporter.export(loaded(model), quantize_model(model), out)
+    assert summary["checkpoint_format"] == "gptq_v2"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_reader_accepts_shards_and_checks_bits(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    result = quantize_model(model)
+    out = tmp_path / "ckpt"
+    write_gptq_checkpoint(loaded(model), result, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for shard, names in shards.items():
+        save_file({k: tensors[k] for k in names}, str(out / shard), metadata={"format": "pt"})
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (out / "model.safetensors").unlink()
+    assert_round_trip(model, result, out)
+
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    (out / "quantize_config.json").write_text(json.dumps({**qcfg, "bits": 8}))
+    with pytest.raises(QuantmillError, match="does not fit a 8-bit"):
+        load_gptq_checkpoint(out)

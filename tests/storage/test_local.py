@@ -1,0 +1,71 @@
+"""Local content-addressed storage: atomic writes, dedup, hash checked on read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantmill.plugins.hashing import sha256_path
+from quantmill.storage.local import LocalStorage, StorageIntegrityError
+
+
+def _tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    return root
+
+
+def test_put_tree_is_content_addressed(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    src = _tree(tmp_path / "src")
+    first = store.put_tree(src)
+    again = store.put_tree(src)
+    assert first == again
+    assert first.sha256 == sha256_path(src)[0]
+    fetched = store.fetch(first.uri)
+    assert (fetched / "sub" / "b.bin").read_bytes() == bytes(range(256))
+    assert not any((tmp_path / "store" / "tmp").iterdir())  # no staging leftovers
+
+
+def test_single_file(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"123")
+    obj = store.put_tree(f)
+    assert obj.size_bytes == 3 and store.fetch(obj.uri).read_bytes() == b"123"
+
+
+def test_tampering_is_detected(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    obj = store.put_tree(_tree(tmp_path / "src"))
+    path = store.fetch(obj.uri)
+    (path / "a.txt").write_text("ALPHA")
+    with pytest.raises(StorageIntegrityError, match="was modified"):
+        store.fetch(obj.uri)
+    assert store.fetch(obj.uri, verify=False) == path
+
+
+def test_renaming_a_file_changes_the_hash(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    before = sha256_path(src)[0]
+    (src / "a.txt").rename(src / "c.txt")
+    assert sha256_path(src)[0] != before
+
+
+def test_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    src = _tree(tmp_path / "src")
+
+    def broken_copytree(a, b, **kwargs):
+        Path(b).mkdir(parents=True)
+        (Path(b) / "partial").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("quantmill.storage.local.shutil.copytree", broken_copytree)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_tree(src)
+    assert not store.object_path(sha256_path(src)[0]).exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert not any((tmp_path / "store" / "tmp").iterdir())
