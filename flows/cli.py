@@ -100,6 +100,10 @@ def run(
     Registry.open(database_url).close()  # refuse an out-of-date registry before any work
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bars show the job's progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from quantmill.flows.compress import compress
@@ -224,8 +228,13 @@ def render_lineage(graph: Any, root_id: int) -> Tree:
         return (f"{prefix}[bold cyan]{a.kind}[/] #{a.id} {a.name} "
                 f"[dim]({a.format}, {a.size_bytes / 1e6:,.1f} MB, sha256 {a.sha256[:12]})[/]")
 
+    shown: set[int] = set()  # an artifact reached twice lists its metrics once
+
     def add(node: Tree, artifact_id: int, seen: set[int]) -> None:
-        for metric in sorted(metrics.get(artifact_id, []), key=lambda m: (m.evaluator, m.name)):
+        first_time = artifact_id not in shown
+        shown.add(artifact_id)
+        listed = metrics.get(artifact_id, []) if first_time else []
+        for metric in sorted(listed, key=lambda m: (m.evaluator, m.name)):
             node.add(f"[green]metric[/] {metric.evaluator}.{metric.name} = {_fmt(metric.value)}"
                      f" [dim](run {metric.run_id})[/]")
         for run_id in producers.get(artifact_id, []):

@@ -1,0 +1,1 @@
+"""GPTQ: Hessian-aware post-training quantization, implemented in quantmill."""
