@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.calibration.text",
     "quantmill.plugins.allocation.uniform",
     "quantmill.plugins.quantizers.rtn.plugin",
+    "quantmill.plugins.quantizers.gptq.plugin",
     "quantmill.plugins.evaluators.perplexity",
     "quantmill.plugins.evaluators.size",
     "quantmill.plugins.formats.gptq",

@@ -110,3 +110,13 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A tiny random LlamaForCausalLM (vocab 256) in memory, eval mode."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(256)).eval()

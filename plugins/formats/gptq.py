@@ -39,6 +39,7 @@ from quantmill.plugins.base import (
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.formats.packing import packed_length
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.quant_linear import GPTQLinear, zero_offset_for
 
 log = logging.getLogger(__name__)
@@ -502,62 +503,6 @@ def _build_gptq_linear(
         raise QuantmillError(f"cannot build GPTQ module '{name}': {exc}") from exc
 
 
-def _alias_tied(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Point keys the file omits at the tensor of a key they are tied to (same Parameter)."""
-    names_by_tensor: dict[int, list[str]] = {}
-    for key, param in model.named_parameters(remove_duplicate=False):
-        names_by_tensor.setdefault(id(param), []).append(key)
-    for group in names_by_tensor.values():
-        present = [k for k in group if k in tensors]
-        if not present:
-            continue
-        for key in group:
-            if key not in tensors:
-                tensors[key] = tensors[present[0]]
-
-
-def _materialize_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Give buffers that no checkpoint holds (rotary inv_freq) real values on ``device``.
-
-    The model was built on the meta device, so these buffers have no data. transformers' own
-    loader does the same thing: allocate them, then run the model's weight initialisation on
-    their modules, which recomputes them from the config. Every loaded tensor is flagged
-    ``_is_hf_initialized`` meanwhile, which transformers' init functions respect, so a module
-    holding both parameters and such buffers keeps its loaded parameters.
-    """
-    owners: list[torch.nn.Module] = []
-    fresh: set[int] = set()
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.is_meta and name in module._non_persistent_buffers_set:
-                module._buffers[name] = torch.empty_like(buf, device=device)
-                fresh.add(id(module._buffers[name]))
-                if not owners or owners[-1] is not module:
-                    owners.append(module)
-    init = getattr(model, "_init_weights", None)
-    if owners and callable(init):
-        loaded = [
-            t
-            for t in (*model.parameters(), *model.buffers())
-            if id(t) not in fresh and not hasattr(t, "_is_hf_initialized")
-        ]
-        for tensor in loaded:
-            tensor._is_hf_initialized = True
-        try:
-            with torch.no_grad():
-                for module in owners:
-                    init(module)
-        finally:
-            for tensor in loaded:
-                del tensor._is_hf_initialized
-    leftover = [n for n, b in model.named_buffers() if b.is_meta]
-    leftover += [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise QuantmillError(
-            f"tensors left without values after loading: {', '.join(sorted(leftover)[:5])}"
-        )
-
-
 def load_gptq_checkpoint(
     path: Path,
     device: torch.device | str = torch.device("cpu"),
@@ -608,7 +553,7 @@ def load_gptq_checkpoint(
     for key, tensor in tensors.items():
         if key not in keep_dtype and tensor.is_floating_point() and tensor.dtype != dtype:
             tensors[key] = tensor.to(dtype)
-    _alias_tied(model, tensors)
+    alias_tied(model, tensors)
     # Old AutoGPTQ files carry per-layer rotary tables that today's models recompute.
     expected = model.state_dict().keys()
     for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
@@ -622,7 +567,7 @@ def load_gptq_checkpoint(
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
-    _materialize_non_persistent_buffers(model, device)
+    materialize_non_persistent_buffers(model, device)
     model.eval()
 
     tokenizer = None

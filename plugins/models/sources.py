@@ -17,6 +17,7 @@ import torch
 from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +110,36 @@ class GGUFSource(ModelSource):
         return path.is_file() and path.suffix == ".gguf"
 
     def load(self, path: Path, device: torch.device) -> LoadedModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Dequantize the GGUF tensors straight into a model skeleton built on the meta device.
+
+        transformers' own ``from_pretrained(gguf_file=...)`` marks the model as quantized (it
+        then refuses to save it) and holds more than one copy of the weights while loading;
+        here the tensors are assigned in place, so peak memory is one float32 copy.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         self.check(path)
         kwargs = {"gguf_file": path.name, "local_files_only": True}
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            path.parent, dtype=torch.float32, **kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it; rebuild a
-        # plain float model from its config so every later step treats it like any other.
-        config = gguf_model.config
+        config = AutoConfig.from_pretrained(path.parent, **kwargs)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
+                                       torch_dtype=torch.float32)["tensors"]
+        tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device)
+                   for k, v in tensors.items()}
+        alias_tied(model, tensors)
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise QuantmillError(f"{path}: GGUF tensors do not fit the model: {exc}") from None
+        del tensors
         model.tie_weights()
-        del gguf_model
-        return LoadedModel(model.to(device).eval(), tokenizer, path, "gguf", [path])
+        materialize_non_persistent_buffers(model, device)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        return LoadedModel(model.eval(), tokenizer, path, "gguf", [path])
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer

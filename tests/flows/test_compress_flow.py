@@ -112,6 +112,24 @@ def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     assert ckpt.sha256 in shown
 
 
+def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
+    recipe = tiny_recipe(name="tiny-gptq", quantization={
+        "method": "gptq", "bits": 3, "group_size": 32, "desc_act": True, "damp_percent": 0.02})
+    _run_cli("run", str(recipe))
+    with Registry.open() as reg:
+        [ckpt] = reg.list_artifacts(kind="checkpoint")
+        [run] = [r for r in reg.list_runs() if r.kind == "quantization"]
+        metrics = {m.name: m.value for m in reg.metrics_for_artifact(ckpt.id)}
+        [calib] = reg.list_artifacts(kind="calibration_set")
+        inputs = {e.role: e.artifact_id for e in reg.run_edges(run.id) if e.direction == "input"}
+    assert inputs["calibration_set"] == calib.id
+    assert run.details["quantizer"]["method"] == "gptq"
+    layers = run.details["quantizer"]["layers"]
+    assert len(layers) == 14 and all(v["damp_used"] >= 0.02 for v in layers.values())
+    assert 3.0 < metrics["bits_per_weight"] < 4.5 and metrics["perplexity"] > 1
+    assert ckpt.metadata["export"]["quantize_config"]["desc_act"] is True
+
+
 def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,
                                              third_party_plugin: Path) -> None:
     listing = _run_cli("plugins", "list")

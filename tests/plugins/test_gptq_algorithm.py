@@ -85,6 +85,17 @@ def test_group_size_not_dividing_width() -> None:
     assert qw.scales.shape[0] == 4 and int((qw.g_idx == 3).sum()) == 8
 
 
+def test_inverse_factor_is_upper_cholesky_of_inverse() -> None:
+    from quantmill.plugins.quantizers.gptq.algorithm import _inverse_hessian_factor
+
+    _, x = correlated_layer(7, inp=96)
+    h = hessian_of(x).double()
+    upper, damp = _inverse_hessian_factor(h, 0.01)
+    damped = h + damp * torch.diag(h).mean() * torch.eye(96, dtype=torch.float64)
+    assert torch.equal(upper, torch.triu(upper))
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-8, atol=1e-10)
+
+
 def test_dead_inputs_are_zeroed() -> None:
     w, x = correlated_layer(5)
     x[:, :5] = 0.0

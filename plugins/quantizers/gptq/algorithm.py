@@ -7,8 +7,8 @@ output on the calibration data changes as little as possible.
 
 What this module implements, and why:
 
-* Hessian accumulation streams over batches in float64 (sums of many fp32 products lose digits)
-  and computes only the upper block triangle of X^T X (H is symmetric: about half the work).
+* Hessian accumulation streams over batches and computes only the upper block triangle of
+  X^T X (H is symmetric: about 40% less work with 4 blocks).
 * Dampening ``damp_percent * mean(diag H)`` on the diagonal; when the Cholesky factorisation
   still fails the damping is multiplied by 10 until it succeeds, and the value used is returned.
 * Dead inputs (diag H == 0, never active in calibration) get H_ii = 1 and W[:, i] = 0, as in the
@@ -31,6 +31,8 @@ What this module implements, and why:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,34 +46,40 @@ from quantmill.plugins.quantizers.rtn.algorithm import compute_scales_zeros
 
 
 class HessianAccumulator:
-    """Streams X^T X over calibration batches; ``hessian()`` returns 2 X^T X / n (float32)."""
+    """Streams X^T X over calibration batches; ``hessian()`` returns 2 X^T X / n (float32).
 
-    def __init__(self, in_features: int, device: torch.device | None = None, blocks: int = 4):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+    Only the upper block triangle is computed (H is symmetric) and mirrored once at the end.
+    ``dtype=torch.float64`` accumulates in double precision (for very long calibration runs);
+    float32, as in the reference implementation, is the default and costs no conversions.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | None = None, blocks: int = 4,
+                 dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.count = 0
         self.blocks = max(1, min(blocks, in_features // 64 or 1))
+        self.bounds = [in_features * k // self.blocks for k in range(self.blocks + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` [..., in_features] (any leading shape)."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [n, in]
         self.count += x.shape[0]
-        n = x.shape[1]
-        bounds = [n * k // self.blocks for k in range(self.blocks + 1)]
         for bi in range(self.blocks):
-            a0, a1 = bounds[bi], bounds[bi + 1]
-            xa_t = x[:, a0:a1].T  # [a, n]
-            # upper block triangle only: block (i, j) for j >= i, then mirror
-            block = xa_t @ x[:, a0:]  # [a, n - a0]
-            self.sum[a0:a1, a0:] += block.to(torch.float64)
-        # mirror the strictly-lower blocks from the upper ones (exact: same numbers)
-        for bi in range(1, self.blocks):
-            a0, a1 = bounds[bi], bounds[bi + 1]
-            self.sum[a0:a1, :a0] = self.sum[:a0, a0:a1].T
+            a0, a1 = self.bounds[bi], self.bounds[bi + 1]
+            block = x[:, a0:a1].T @ x[:, a0:]  # [a, in - a0]: upper block row
+            if block.dtype == self.sum.dtype:
+                self.sum[a0:a1, a0:] += block
+            else:
+                self.sum[a0:a1, a0:] += block.to(self.sum.dtype)
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return (2.0 / self.count * self.sum).to(torch.float32)
+        h = self.sum.clone()
+        for bi in range(1, self.blocks):  # mirror the strictly-lower blocks (same numbers)
+            a0, a1 = self.bounds[bi], self.bounds[bi + 1]
+            h[a0:a1, :a0] = h[:a0, a0:a1].T
+        return (2.0 / self.count * h).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +129,19 @@ def _weighted_err(w, scale, zero, maxq, weight) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @dataclass(frozen=True)
 class GPTQSettings:
     bits: int = 4
@@ -143,94 +164,121 @@ class GPTQStats:
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp I)^-1, raising damp until H is positive definite."""
-    h64 = h.to(torch.float64)
-    diag_mean = float(torch.diag(h64).mean())
+    """Upper Cholesky factor of (H + damp I)^-1, raising damp until H is positive definite.
+
+    float32, as in the reference implementation: the damping keeps it well conditioned, and
+    float64 costs twice the time on CPUs for no measurable change in the result.
+    """
+    diag_mean = float(torch.diag(h).mean())
     damp = damp_percent
-    eye = torch.eye(h64.shape[0], dtype=torch.float64, device=h64.device)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # With J the order-reversing permutation and J H J = L L^T, the upper factor of H^-1 is
+    # J L^-1 J: one Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
+    flipped = torch.flip(h, (0, 1))
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h64 + damp * diag_mean * eye)
+        lower, info = torch.linalg.cholesky_ex(flipped + damp * diag_mean * eye)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper.to(torch.float32), damp
+            upper = torch.flip(torch.linalg.solve_triangular(lower, eye, upper=False), (0, 1))
+            if bool(torch.isfinite(upper).all()):
+                return upper, damp
         damp *= 10.0
     raise ValueError("the Hessian is not positive definite even with heavy damping")
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """A layer input's Hessian made ready for GPTQ: dead inputs fixed, act-order permutation,
+    and the inverse factor. Linears reading the same input (q/k/v, gate/up) share one."""
+
+    hessian: torch.Tensor  # [in, in], dead diagonal entries set to 1
+    dead: torch.Tensor  # bool [in]
+    perm: torch.Tensor  # quantization order of the columns
+    hinv: torch.Tensor  # upper Cholesky factor of (H + damp)^-1, in ``perm`` order
+    damp_used: float
+
+
+def prepare_hessian(hessian: torch.Tensor, damp_percent: float, desc_act: bool) -> PreparedHessian:
+    if not 0.0 < damp_percent < 1.0:
+        raise ValueError(f"damp_percent must be in (0, 1), got {damp_percent}")
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    if desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(h.shape[0], device=h.device)
+    hinv, damp_used = _inverse_hessian_factor(h[perm][:, perm], damp_percent)
+    return PreparedHessian(h, dead, perm, hinv, damp_used)
+
+
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQSettings
+    weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, settings: GPTQSettings
 ) -> tuple[QuantizedWeight, GPTQStats]:
-    """Quantize ``weight`` [out, in] with GPTQ given its Hessian [in, in]."""
+    """Quantize ``weight`` [out, in] with GPTQ given its Hessian [in, in] (or a prepared one,
+    which must have been prepared with these settings' damping and act-order)."""
     s = settings
     if not 2 <= s.bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {s.bits}")
     if s.group_size == 0 or s.group_size < -1:
         raise ValueError(f"group_size must be -1 (per channel) or positive, got {s.group_size}")
-    if not 0.0 < s.damp_percent < 1.0:
-        raise ValueError(f"damp_percent must be in (0, 1), got {s.damp_percent}")
+    prepared = (hessian if isinstance(hessian, PreparedHessian)
+                else prepare_hessian(hessian, s.damp_percent, s.desc_act))
     w = weight.detach().to(torch.float32).clone()
     out_features, cols = w.shape
-    h = hessian.detach().to(torch.float32).clone()
     maxq = 2**s.bits - 1
     gsize = cols if s.group_size == -1 else min(s.group_size, cols)
     n_groups = -(-cols // gsize)
 
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[:, prepared.dead] = 0.0
     w_orig = w.clone()
 
     scales = torch.empty(n_groups, out_features, dtype=torch.float32, device=w.device)
     zeros = torch.empty(n_groups, out_features, dtype=torch.float32, device=w.device)
-    importance_all = torch.diag(h)
+    importance_all = torch.diag(prepared.hessian)
     if s.static_groups:
         for g in range(n_groups):
             c0, c1 = g * gsize, min((g + 1) * gsize, cols)
             scales[g], zeros[g] = group_params(w[:, c0:c1], s.bits, s.sym, s.mse_clip,
                                                importance_all[c0:c1])
+    perm, hinv = prepared.perm, prepared.hinv
+    w = w[:, perm]
+    importance = importance_all[perm]
 
-    if s.desc_act:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
-    else:
-        perm = torch.arange(cols, device=w.device)
-    hinv, damp_used = _inverse_hessian_factor(h, s.damp_percent)
-    importance = torch.diag(h)
-
-    q_int = torch.empty(out_features, cols, dtype=torch.float32, device=w.device)
+    # Work on W^T so that a column of W is a contiguous row: the rank-1 updates then stream
+    # through memory. The per-column loop is many tiny operations; one thread runs them fastest
+    # (OpenMP start-up and, on a busy machine, spinning threads cost more than the work).
+    wt = w.T.contiguous()  # [in, out]
+    q_int = torch.empty(cols, out_features, dtype=torch.float32, device=w.device)
     # block size: a multiple of the group size so a group's columns are current when it starts
     block = max(gsize, (s.block_size // gsize) * gsize) if gsize <= s.block_size else gsize
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()  # [out, b]
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if s.static_groups:
-                g = int(perm[col]) // gsize
-                scale, zero = scales[g], zeros[g]
-            else:
-                g = col // gsize
-                if col % gsize == 0:
+    with _single_thread(w.device):
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            w1 = wt[i1:i2].clone()  # [b, out]
+            err1 = torch.empty_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if s.static_groups:
+                    g = int(perm[col]) // gsize
+                elif col % gsize == 0:
+                    g = col // gsize
                     c1 = min(col + gsize, cols) - i1
-                    scales[g], zeros[g] = group_params(w1[:, i:c1], s.bits, s.sym, s.mse_clip,
+                    scales[g], zeros[g] = group_params(w1[i:c1].T, s.bits, s.sym, s.mse_clip,
                                                        importance[col : i1 + c1])
+                else:
+                    g = col // gsize
                 scale, zero = scales[g], zeros[g]
-            wcol = w1[:, i]
-            q = torch.clamp(torch.round(wcol / scale) + zero, 0, maxq)
-            q_int[:, col] = q
-            deq = (q - zero) * scale
-            err = (wcol - deq) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]  # rank-1 update inside the block
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+                wrow = w1[i]
+                q = torch.clamp(torch.round(wrow / scale) + zero, 0, maxq)
+                q_int[col] = q
+                err = (wrow - (q - zero) * scale) / hinv1[i, i]
+                w1[i:] -= hinv1[i, i:, None] * err[None, :]  # rank-1 update inside the block
+                err1[i] = err
+            wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # lazy batch update of the remaining columns
 
     invperm = torch.argsort(perm)
-    intweight = q_int[:, invperm]
+    intweight = q_int[invperm].T.contiguous()  # [out, in], original column order
     if s.static_groups or not s.desc_act:
         g_idx = torch.arange(cols, device=w.device) // gsize
     else:
@@ -245,6 +293,6 @@ def gptq_quantize(
         sym=s.sym,
     )
     delta = w_orig.cpu() - qw.dequantize()
-    h_orig = hessian.detach().to(torch.float32).cpu()
-    loss = float(torch.einsum("oi,ij,oj->", delta, h_orig, delta))
-    return qw, GPTQStats(damp_used=damp_used, dead_inputs=int(dead.sum()), hessian_error=loss)
+    loss = float(((delta @ prepared.hessian.cpu()) * delta).sum())
+    return qw, GPTQStats(damp_used=prepared.damp_used, dead_inputs=int(prepared.dead.sum()),
+                         hessian_error=loss)
