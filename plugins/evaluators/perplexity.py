@@ -63,14 +63,13 @@ def window_nll(
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)  # [B, L]
             logits = model(input_ids=batch).logits  # [B, L, V]
-            shift_logits = logits[:, :-1, :].float()  # [B, L-1, V]
-            targets = batch[:, 1:]  # [B, L-1]
-            loss = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1),
-                reduction="sum",
-            )
-            total += float(loss)
-            scored += targets.numel()
+            # one window at a time: a float copy of [B, L, V] logits would be B x 100 MB for a
+            # 50k vocabulary, and cross_entropy makes another
+            for row in range(batch.shape[0]):
+                loss = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
+                total += float(loss)
+                scored += batch.shape[1] - 1
+            del logits
             advance(batch.shape[0])
     return total, scored
 

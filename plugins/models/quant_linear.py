@@ -143,7 +143,19 @@ class GPTQLinear(torch.nn.Module):
         return module
 
     def unpacked_zeros(self) -> torch.Tensor:
-        """The true zero points, int64 [groups, out] (the stored value plus zero_offset)."""
+        """The true zero points, int64 [groups, out] (the stored value plus zero_offset).
+
+        For v1 at 2, 4 and 8 bits the offset is added to each 32-bit word as a whole (e.g.
+        ``+0x11111111`` at 4 bits), the exact inverse of GPTQModel's v2 -> v1 conversion, which
+        subtracts it word-wise: a stored zero point of 0 then borrows from its neighbour, and a
+        per-value ``+1`` would misread both. Without such zeros the two readings agree.
+        """
+        if self.zero_offset and 32 % self.bits == 0:
+            per_word = 32 // self.bits
+            ones = sum(1 << (self.bits * k) for k in range(per_word))
+            words = (self.qzeros.to(torch.int64) + ones * self.zero_offset) & 0xFFFFFFFF
+            words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+            return unpack_cols(words, self.bits, self.out_features).to(torch.int64)
         return unpack_cols(self.qzeros, self.bits, self.out_features).to(torch.int64) + (
             self.zero_offset
         )

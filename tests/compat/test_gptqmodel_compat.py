@@ -101,6 +101,19 @@ def quantize_linears(model: torch.nn.Module, bits: int, group_size: int, sym: bo
     return QuantizationResult(weights, QuantPlan(specs), {"damp_percent": 0.01})
 
 
+def quantize_mixed(model: torch.nn.Module) -> QuantizationResult:
+    """Mixed precision as quantmill's allocators make it: 4-bit g32 sym by default, down_proj
+    8-bit g32 sym, v_proj 3-bit g64 asym; the writer lists the exceptions in ``dynamic``."""
+    result = quantize_linears(model, 4, 32, sym=True)
+    overrides = {"mlp.down_proj": (8, 32, True), "self_attn.v_proj": (3, 64, False)}
+    for name, module in model.named_modules():
+        spec = next((v for k, v in overrides.items() if name.endswith(k)), None)
+        if spec is not None and ".layers." in name:
+            result.weights[name] = quantize_groups(module.weight.detach(), *spec)
+            result.plan.modules[name] = ModuleQuantSpec(*spec, "rtn")
+    return result
+
+
 def make_tiny_model(model_dir: Path) -> LoadedModel:
     """The tiny random Llama, re-initialised so every quantized linear matters to the logits.
 
@@ -153,6 +166,7 @@ def tiny_cases(model_dir: Path, root: Path) -> list[Case]:
                             root / "w3g-1-asym", "w3g-1-asym", ids))
     cases.append(write_case(loaded, quantize_linears(model, 4, 32, sym=False, act_order=True),
                             root / "w4g32-asym-actorder", "w4g32-asym-actorder", ids))
+    cases.append(write_case(loaded, quantize_mixed(model), root / "mixed-bits", "mixed-bits", ids))
     return cases
 
 
@@ -240,15 +254,31 @@ def rel_diff(x: torch.Tensor, ref: torch.Tensor) -> float:
 def test_checkpoint_formats(checkpoints: dict[str, Case]) -> None:
     formats = {name: c.checkpoint_format for name, c in checkpoints.items()}
     assert formats == {"w4g32-sym": "gptq", "w4g32-asym": "gptq_v2", "w3g-1-asym": "gptq_v2",
-                       "w4g32-asym-actorder": "gptq_v2", "smollm2-w4g128-asym": "gptq_v2"}
+                       "w4g32-asym-actorder": "gptq_v2", "mixed-bits": "gptq_v2",
+                       "smollm2-w4g128-asym": "gptq_v2"}
     qcfg = json.loads((checkpoints["w4g32-asym-actorder"].path / "quantize_config.json")
                       .read_text())
     assert qcfg["desc_act"] is True
+    qcfg = json.loads((checkpoints["mixed-bits"].path / "quantize_config.json").read_text())
+    assert len(qcfg["dynamic"]) == 4  # down_proj and v_proj of both layers
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("name", ["w4g32-sym", "w4g32-asym", "w3g-1-asym", "w4g32-asym-actorder",
-                                  "smollm2-w4g128-asym"])
+CASES = ["w4g32-sym", "w4g32-asym", "w3g-1-asym", "w4g32-asym-actorder", "mixed-bits",
+         "smollm2-w4g128-asym"]
+#: transformers 5.23 + optimum 2.3 ignore GPTQModel's per-module "dynamic" overrides: optimum
+#: builds every layer at the default bits/group_size, so the 8-bit and 3-bit layers fail the
+#: shape check ("You set `ignore_mismatched_sizes` to `False`..."). strict: tells us when fixed.
+XFAIL = {
+    ("mixed-bits", "transformers"): "transformers/optimum do not apply GPTQ `dynamic` overrides",
+}
+PARAMS = [
+    pytest.param(name, loader, marks=pytest.mark.xfail(strict=True, reason=XFAIL[name, loader]))
+    if (name, loader) in XFAIL else (name, loader)
+    for name in CASES for loader in LOADERS
+]
+
+
+@pytest.mark.parametrize(("name", "loader"), PARAMS)
 def test_logits_match_quantmill_reader(name: str, loader: str, checkpoints: dict[str, Case],
                                        external: tuple[Path, dict]) -> None:
     out, results = external

@@ -419,3 +419,18 @@ def test_reader_accepts_shards_and_checks_bits(tmp_path: Path) -> None:
     (out / "quantize_config.json").write_text(json.dumps({**qcfg, "bits": 8}))
     with pytest.raises(QuantmillError, match="does not fit a 8-bit"):
         load_gptq_checkpoint(out)
+
+
+def test_v1_zeros_are_read_word_wise_like_gptqmodel_writes_them() -> None:
+    """GPTQModel stores v1 zeros by subtracting 0x11111111 from each packed word; a zero point
+    of 0 borrows from its neighbour. Reading adds the constant back word-wise."""
+    from quantmill.plugins.formats.packing import pack_cols
+    from quantmill.plugins.models.quant_linear import GPTQLinear
+
+    true_zeros = torch.tensor([[0, 5, 15, 0, 1, 8, 0, 3]], dtype=torch.int32)  # [1 group, 8 out]
+    words = pack_cols(true_zeros, 4).to(torch.int64) & 0xFFFFFFFF
+    stored = (words - 0x11111111) % 2**32
+    stored = torch.where(stored >= 2**31, stored - 2**32, stored).to(torch.int32)
+    layer = GPTQLinear(32, 8, 4, 32, zero_offset=1)
+    layer.qzeros = stored
+    assert torch.equal(layer.unpacked_zeros(), true_zeros.to(torch.int64))
