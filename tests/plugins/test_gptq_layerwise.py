@@ -44,7 +44,8 @@ def reference_gptq(model, ids, bits, group):
         for stage in STAGES:
             names = [f"model.layers.{i}.{s}" for s in stage]
             acc = HessianAccumulator(modules[names[0]].in_features)
-            handle = modules[names[0]].register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0]))
+            first = modules[names[0]]
+            handle = first.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0]))
             with torch.inference_mode():
                 for start in range(0, ids.shape[0], 4):
                     work(input_ids=ids[start : start + 4])

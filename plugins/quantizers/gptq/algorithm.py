@@ -292,7 +292,27 @@ def gptq_quantize(
         group_size=s.group_size,
         sym=s.sym,
     )
-    delta = w_orig.cpu() - qw.dequantize()
-    loss = float(((delta @ prepared.hessian.cpu()) * delta).sum())
     return qw, GPTQStats(damp_used=prepared.damp_used, dead_inputs=int(prepared.dead.sum()),
-                         hessian_error=loss)
+                         hessian_error=hessian_error(w_orig, qw, prepared.hessian))
+
+
+def hessian_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer-output error GPTQ minimises (dead inputs count as
+    zero weights, as GPTQ sets them)."""
+    delta = weight.detach().to(torch.float32).cpu() - qw.dequantize()
+    return float(((delta @ hessian.to(torch.float32).cpu()) * delta).sum())
+
+
+def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """Split a quantized stack of weights back into its modules (by output rows)."""
+    parts, start = [], 0
+    for count in rows:
+        end = start + count
+        parts.append(QuantizedWeight(
+            intweight=qw.intweight[start:end].contiguous(),
+            scales=qw.scales[:, start:end].contiguous(),
+            zeros=qw.zeros[:, start:end].contiguous(),
+            g_idx=qw.g_idx.clone(), bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+        ))
+        start = end
+    return parts
