@@ -37,28 +37,24 @@ DATA = REPO / "data" / "wikitext-2"
 RESULTS = REPO / "bench" / "results"
 
 # name -> (tool, settings). "gptqmodel settings" = desc_act off, damp 0.01, asymmetric.
+BEST = {"desc_act": True, "static_groups": True, "mse_clip": True, "damp_percent": 0.001}
 CONFIGS: dict[str, tuple[str, dict]] = {
+    # each GPTQModel run sits next to quantmill's run of the same bits/group (fair timing)
     "rtn-w4g128": ("quantmill", {"method": "rtn", "bits": 4, "group_size": 128}),
     "rtn-w3g128": ("quantmill", {"method": "rtn", "bits": 3, "group_size": 128}),
     "rtn-w4g64": ("quantmill", {"method": "rtn", "bits": 4, "group_size": 64}),
+    "gptqmodel-w4g128": ("gptqmodel", {"bits": 4, "group_size": 128}),
     "gptq-w4g128-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 4,
                                                       "group_size": 128}),
+    "gptq-w4g128-best": ("quantmill", {"method": "gptq", "bits": 4, "group_size": 128, **BEST}),
+    "gptqmodel-w3g128": ("gptqmodel", {"bits": 3, "group_size": 128}),
     "gptq-w3g128-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 3,
                                                       "group_size": 128}),
+    "gptq-w3g128-best": ("quantmill", {"method": "gptq", "bits": 3, "group_size": 128, **BEST}),
+    "gptqmodel-w4g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptq-w4g64-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 4,
                                                      "group_size": 64}),
-    "gptq-w4g128-best": ("quantmill", {"method": "gptq", "bits": 4, "group_size": 128,
-                                        "desc_act": True, "static_groups": True,
-                                        "mse_clip": True}),
-    "gptq-w3g128-best": ("quantmill", {"method": "gptq", "bits": 3, "group_size": 128,
-                                        "desc_act": True, "static_groups": True,
-                                        "mse_clip": True}),
-    "gptq-w4g64-best": ("quantmill", {"method": "gptq", "bits": 4, "group_size": 64,
-                                       "desc_act": True, "static_groups": True,
-                                       "mse_clip": True}),
-    "gptqmodel-w4g128": ("gptqmodel", {"bits": 4, "group_size": 128}),
-    "gptqmodel-w3g128": ("gptqmodel", {"bits": 3, "group_size": 128}),
-    "gptqmodel-w4g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
+    "gptq-w4g64-best": ("quantmill", {"method": "gptq", "bits": 4, "group_size": 64, **BEST}),
 }
 
 
@@ -166,6 +162,8 @@ def run_config(name: str, tool: str, settings: dict, calib: Path, windows: int,
         stats = _subprocess_json([sys.executable, __file__, "--worker-quantize",
                                   json.dumps(settings), str(calib), str(out)])
     else:
+        if not (CACHE / "smollm2-135m-hf" / "config.json").is_file():
+            subprocess.run([sys.executable, str(REPO / "bench/prepare_models.py")], check=True)
         venv_python = subprocess.run(["bash", str(REPO / "bench/envs/gptqmodel.sh")],
                                      capture_output=True, text=True, check=True
                                      ).stdout.strip().splitlines()[-1]
