@@ -19,6 +19,7 @@ from prefect.artifacts import create_table_artifact
 from quantmill.flows import tasks
 from quantmill.flows.runtime import software_versions
 from quantmill.flows.tasks import JobRef
+from quantmill.registry import RegistryError
 
 REPORT_KEY = re.compile(r"[^a-z0-9-]+")
 
@@ -50,8 +51,8 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
     input_edges = [(inputs["base_model"], "base_model")]
     if calibration_id is not None:
         input_edges.append((calibration_id, "calibration_set"))
-    input_edges += [(i, "eval_data") for p, i in inputs["datasets"].items()
-                    if any(str(f) == p for e in job.evaluators for f in e.data_files())]
+    # evaluation data is not an input of the checkpoint (it must not look like training data):
+    # metrics point at it through their dataset_artifact_id instead
     with ref.registry() as reg:
         run = reg.start_run(
             job_id=ref.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),
@@ -59,13 +60,13 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
             flow_run_id=tasks._flow_run_id(), inputs=input_edges,
         )
     try:
+        quantized = tasks.quantize(ref, inputs, calibration_id)
+        checkpoint_dir = quantized["checkpoint_dir"]
         evaluations: list[dict[str, Any]] = []
         for index in range(len(job.evaluators)):
             ev = tasks.evaluate(ref, index, inputs["base_model"], str(job.model_path),
                                 None, None, reuse=True)
             evaluations.append({**ev, "target": "base"})
-        quantized = tasks.quantize(ref, inputs, calibration_id)
-        checkpoint_dir = quantized["checkpoint_dir"]
         for index in range(len(job.evaluators)):
             # the model source named like the export format reads the checkpoint back
             ev = tasks.evaluate(ref, index, None, checkpoint_dir, job.exporter.format_name,
@@ -77,8 +78,11 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
                                        evaluations, inputs["datasets"])
     except BaseException as exc:
         tasks.MODEL_CACHE.clear()
-        with ref.registry() as reg:
-            reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
+        try:
+            with ref.registry() as reg:
+                reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
+        except RegistryError:  # e.g. the run was already closed: keep the original error
+            pass
         raise
     finally:
         shutil.rmtree(ref.work_dir, ignore_errors=True)

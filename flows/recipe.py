@@ -210,6 +210,8 @@ def _select_source(catalog: Catalog, section: ModelSection, path: Path) -> base.
 def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Catalog) -> Job:
     """Configure every plugin the recipe names and run their cheap input checks."""
     base_dir = recipe_path.parent.resolve()
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device here")
     model_path = expand_path(recipe.model.path, base_dir)
     source = _select_source(catalog, recipe.model, model_path)
     source.check(model_path)

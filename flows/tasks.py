@@ -24,10 +24,11 @@ from quantmill.flows.recipe import Job, parse_recipe, resolve_job
 from quantmill.flows.runtime import software_versions
 from quantmill.plugins.base import CalibrationSet, EvaluationResult, LoadedModel
 from quantmill.plugins.catalog import Catalog
+from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.plugins.home import quantmill_home
 from quantmill.plugins.manager import get_plugin_manager
-from quantmill.registry import NewArtifact, NewMetric, Registry
+from quantmill.registry import ArtifactNotFound, NewArtifact, NewMetric, Registry
 
 CALIBRATION_FILE = "calibration.safetensors"
 
@@ -116,13 +117,36 @@ def register_inputs_step(ref: JobRef) -> dict[str, Any]:
     return {"base_model": model.id, "datasets": datasets}
 
 
+def _write_calibration_file(calib: CalibrationSet, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / CALIBRATION_FILE
+    # one metadata key: safetensors writes several in hash-map order, which would make identical
+    # calibration sets hash differently
+    header = {"description": calib.description, "token_ids_sha256": calib.sha256}
+    save_file({"input_ids": calib.input_ids.contiguous()}, str(file),
+              metadata={"quantmill": json.dumps(header, sort_keys=True)})
+    return file
+
+
 def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
-    """Build the calibration set, store it and register it as the output of a calibration run."""
+    """Build the calibration set; register it as the output of a calibration run, unless an
+    identical set (same file hash) is already registered and still intact in storage, in which
+    case that artifact is reused and no new run is recorded."""
     job = ref.job()
     if job.calibration is None:
         return None
+    tokenizer = job.model_source.load_tokenizer(job.model_path)
+    calib = job.calibration.build(tokenizer)
+    file = _write_calibration_file(calib, ref.work_dir / "calibration")
+    sha, _ = sha256_path(file)
     data_ids = [inputs["datasets"][str(p)] for p in job.calibration.data_files()]
     with ref.registry() as reg:
+        try:
+            existing = reg.get_artifact(sha)
+            job.storage.fetch(existing.uri, verify=True)
+            return existing.id
+        except (ArtifactNotFound, QuantmillError):
+            pass  # new, or its stored copy is gone or damaged: store and register it (again)
         run = reg.start_run(
             job_id=ref.job_id, kind="calibration", name=f"{job.recipe.name}:calibration",
             recipe=job.recipe_json(), plugins=job.plugin_versions, versions=software_versions(),
@@ -131,16 +155,6 @@ def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
             + [(i, "calibration_data") for i in data_ids],
         )
         try:
-            tokenizer = job.model_source.load_tokenizer(job.model_path)
-            calib = job.calibration.build(tokenizer)
-            out = ref.work_dir / "calibration"
-            out.mkdir(parents=True, exist_ok=True)
-            file = out / CALIBRATION_FILE
-            # one metadata key: safetensors writes several in hash-map order, which would make
-            # identical calibration sets hash differently
-            header = {"description": calib.description, "token_ids_sha256": calib.sha256}
-            save_file({"input_ids": calib.input_ids.contiguous()}, str(file),
-                      metadata={"quantmill": json.dumps(header, sort_keys=True)})
             stored = job.storage.put_tree(file)
             reg.finish_run(run.id, outputs=[NewArtifact(
                 kind="calibration_set", name=f"{job.recipe.name}-calibration",
@@ -176,10 +190,13 @@ def evaluate_step(
     evaluator = job.evaluators[evaluator_index]
     options = evaluator.config.model_dump(mode="json")
     if reuse and artifact_id is not None:
+        dataset_ids = {dataset_id(ref, p) for p in evaluator.data_files()} or {None}
         with ref.registry() as reg:
             earlier = [m for m in reg.metrics_for_artifact(artifact_id)
                        if m.evaluator == evaluator.name
-                       and (m.protocol or {}).get("config") == options]
+                       and m.dataset_artifact_id in dataset_ids
+                       and (m.protocol or {}).get("config") == options
+                       and (m.protocol or {}).get("plugin_version") == type(evaluator).version()]
         if earlier:
             latest_run = max(m.run_id for m in earlier)
             metrics = {m.name: m.value for m in earlier if m.run_id == latest_run}
@@ -199,6 +216,16 @@ def evaluate_step(
         "dataset": str(result.dataset_path) if result.dataset_path else None,
         "reused_from_run": None,
     }
+
+
+def dataset_id(ref: JobRef, path: Path) -> int | None:
+    """The registry id of the data file's current content (None if never registered)."""
+    sha, _ = sha256_path(path)
+    with ref.registry() as reg:
+        try:
+            return reg.get_artifact(sha).id
+        except ArtifactNotFound:
+            return None
 
 
 def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | None) -> dict:

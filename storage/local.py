@@ -57,6 +57,8 @@ class LocalStorage(StorageBackend):
             raise QuantmillError(f"cannot store {path}: it does not exist")
         sha, size = sha256_path(path)
         target = self.object_path(sha)
+        if target.exists() and sha256_path(target)[0] != sha:
+            self._discard(target)  # a damaged copy must not stand in for the new content
         if not target.exists():
             staging = self.root / "tmp" / f"{sha}.{uuid.uuid4().hex}"
             staging.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,15 @@ class LocalStorage(StorageBackend):
                 elif staging.exists():
                     staging.unlink()
         return StoredObject(uri=target.as_uri(), sha256=sha, size_bytes=size)
+
+    def _discard(self, target: Path) -> None:
+        aside = self.root / "tmp" / f"damaged.{target.name}.{uuid.uuid4().hex}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(target, aside)
+        if aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
 
     def fetch(self, uri: str, verify: bool = True) -> Path:
         parsed = urlparse(uri)

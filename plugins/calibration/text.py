@@ -72,8 +72,16 @@ class TextCalibrationSource(CalibrationSource):
         path = self.config.path
         if not path.is_file():
             raise QuantmillError(f"calibration file not found: {path}")
-        if not self.read_text().strip():
+        try:
+            text = self.read_text()
+        except UnicodeDecodeError as exc:
+            raise QuantmillError(f"calibration file is not UTF-8 text: {path} ({exc.reason} "
+                                 f"at byte {exc.start})") from None
+        if not text.strip():
             raise QuantmillError(f"calibration file is empty: {path}")
+        if len(text.encode()) < self.config.seq_len:  # every token covers at least one byte
+            raise QuantmillError(f"calibration file {path} is shorter than one window of "
+                                 f"seq_len={self.config.seq_len} tokens")
 
     def data_files(self) -> list[Path]:
         return [self.config.path]

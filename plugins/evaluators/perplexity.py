@@ -84,6 +84,14 @@ class PerplexityEvaluator(Evaluator):
             raise QuantmillError(f"evaluation dataset not found: {path}")
         if path.stat().st_size == 0:
             raise QuantmillError(f"evaluation dataset is empty: {path}")
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise QuantmillError(f"evaluation dataset is not UTF-8 text: {path} ({exc.reason} "
+                                 f"at byte {exc.start})") from None
+        if path.stat().st_size < self.config.seq_len:
+            raise QuantmillError(f"evaluation dataset {path} is shorter than one window of "
+                                 f"seq_len={self.config.seq_len} tokens")
 
     def data_files(self) -> list[Path]:
         return [self.config.dataset]

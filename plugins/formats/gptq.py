@@ -141,13 +141,15 @@ def build_quantize_config(
     config: dict[str, Any] = {
         "bits": bits,
         "group_size": group_size,
-        "desc_act": not all(_trivial_g_idx(qw) for qw in weights.values()),
+        # act-order with static groups keeps g_idx trivial; say so, as GPTQModel does
+        "desc_act": bool(details.get("desc_act"))
+        or not all(_trivial_g_idx(qw) for qw in weights.values()),
         "sym": sym,
         "lm_head": lm_head,
         "quant_method": "gptq",
         "checkpoint_format": checkpoint_format,
         "pack_dtype": "int32",
-        "static_groups": False,
+        "static_groups": bool(details.get("static_groups", False)),
         "true_sequential": True,
     }
     if "damp_percent" in details:

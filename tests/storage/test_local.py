@@ -69,3 +69,13 @@ def test_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not store.object_path(sha256_path(src)[0]).exists()
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     assert not any((tmp_path / "store" / "tmp").iterdir())
+
+
+def test_damaged_object_is_replaced_on_put(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    src = _tree(tmp_path / "src")
+    obj = store.put_tree(src)
+    (store.fetch(obj.uri) / "a.txt").write_text("tampered")
+    again = store.put_tree(src)
+    assert again == obj
+    assert (store.fetch(obj.uri) / "a.txt").read_text() == "alpha"

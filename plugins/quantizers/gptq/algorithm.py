@@ -212,7 +212,8 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float, desc_act: bool) 
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, settings: GPTQSettings
+    weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, settings: GPTQSettings,
+    measure_error: bool = True,
 ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``weight`` [out, in] with GPTQ given its Hessian [in, in] (or a prepared one,
     which must have been prepared with these settings' damping and act-order)."""
@@ -235,7 +236,10 @@ def gptq_quantize(
     scales = torch.empty(n_groups, out_features, dtype=torch.float32, device=w.device)
     zeros = torch.empty(n_groups, out_features, dtype=torch.float32, device=w.device)
     importance_all = torch.diag(prepared.hessian)
-    if s.static_groups:
+    # per-channel (one group) parameters are fixed up front, as in the reference implementation,
+    # which also keeps the lazy block updates instead of one block as wide as the layer
+    static = s.static_groups or gsize == cols
+    if static:
         for g in range(n_groups):
             c0, c1 = g * gsize, min((g + 1) * gsize, cols)
             scales[g], zeros[g] = group_params(w[:, c0:c1], s.bits, s.sym, s.mse_clip,
@@ -250,16 +254,19 @@ def gptq_quantize(
     wt = w.T.contiguous()  # [in, out]
     q_int = torch.empty(cols, out_features, dtype=torch.float32, device=w.device)
     # block size: a multiple of the group size so a group's columns are current when it starts
-    block = max(gsize, (s.block_size // gsize) * gsize) if gsize <= s.block_size else gsize
-    with _single_thread(w.device):
-        for i1 in range(0, cols, block):
-            i2 = min(i1 + block, cols)
-            w1 = wt[i1:i2].clone()  # [b, out]
-            err1 = torch.empty_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
+    if static:
+        block = s.block_size
+    else:
+        block = max(gsize, (s.block_size // gsize) * gsize) if gsize <= s.block_size else gsize
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = wt[i1:i2].clone()  # [b, out]
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        with _single_thread(w.device):
             for i in range(i2 - i1):
                 col = i1 + i
-                if s.static_groups:
+                if static:
                     g = int(perm[col]) // gsize
                 elif col % gsize == 0:
                     g = col // gsize
@@ -275,11 +282,11 @@ def gptq_quantize(
                 err = (wrow - (q - zero) * scale) / hinv1[i, i]
                 w1[i:] -= hinv1[i, i:, None] * err[None, :]  # rank-1 update inside the block
                 err1[i] = err
-            wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # lazy batch update of the remaining columns
+        wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # lazy batch update: a real matmul, all threads
 
     invperm = torch.argsort(perm)
     intweight = q_int[invperm].T.contiguous()  # [out, in], original column order
-    if s.static_groups or not s.desc_act:
+    if static or not s.desc_act:
         g_idx = torch.arange(cols, device=w.device) // gsize
     else:
         g_idx = invperm // gsize  # original column c sits at position invperm[c]
@@ -293,14 +300,16 @@ def gptq_quantize(
         sym=s.sym,
     )
     return qw, GPTQStats(damp_used=prepared.damp_used, dead_inputs=int(prepared.dead.sum()),
-                         hessian_error=hessian_error(w_orig, qw, prepared.hessian))
+                         hessian_error=hessian_error(w_orig, qw, prepared.hessian)
+                         if measure_error else float("nan"))
 
 
 def hessian_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor) -> float:
     """tr((W - Q) H (W - Q)^T): the layer-output error GPTQ minimises (dead inputs count as
     zero weights, as GPTQ sets them)."""
-    delta = weight.detach().to(torch.float32).cpu() - qw.dequantize()
-    return float(((delta @ hessian.to(torch.float32).cpu()) * delta).sum())
+    device = hessian.device
+    delta = weight.detach().to(device, torch.float32) - qw.dequantize().to(device)
+    return float(((delta @ hessian.to(torch.float32)) * delta).sum())
 
 
 def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:

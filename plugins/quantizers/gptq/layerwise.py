@@ -185,7 +185,8 @@ class BlockQuantizer:
                                     damp_percent=o.damp_percent, block_size=o.block_size,
                                     mse_clip=o.mse_clip)
             stacked = torch.cat([self.modules[n].weight for n in group])  # [sum(out), in]
-            qw, stats = gptq_quantize(stacked, hessian, settings)
+            qw, stats = gptq_quantize(stacked, hessian, settings, measure_error=False)
+            stacked[:, hessian.dead] = 0.0  # as GPTQ treats them, for the per-module error
             for name, part in zip(group, split_rows(qw, [self.modules[n].out_features
                                                          for n in group]), strict=True):
                 linear = self.modules[name]
