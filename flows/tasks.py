@@ -280,6 +280,8 @@ def register_step(
                 dataset_artifact_id=dataset_id,
             ))
     with ref.registry() as reg:
+        if reg.get_run(run_id).status == "succeeded":  # a retry after a committed attempt
+            return reg.get_artifact(stored["sha256"]).id
         reg.finish_run(run_id, outputs=[NewArtifact(
             kind="checkpoint", name=job.recipe.name, sha256=stored["sha256"],
             size_bytes=stored["size_bytes"], uri=stored["uri"], format=job.exporter.format_name,
