@@ -39,6 +39,12 @@ def _pickle_dir(tmp_path: Path) -> Path:
     return d
 
 
+def _binary_calibration(tmp_path: Path) -> Path:
+    f = tmp_path / "binary.txt"
+    f.write_bytes(b"\xff\xfe\x00\x81" * 400)
+    return f
+
+
 def _empty_calibration(tmp_path: Path) -> Path:
     f = tmp_path / "empty.txt"
     f.write_text("")
@@ -76,6 +82,11 @@ CASES = [
     ("gptq without calibration", lambda t, m: {"calibration": None,
                                                "quantization": {"method": "gptq"}},
      "needs a 'calibration' section"),
+    ("calibration not UTF-8", lambda t, m: {"calibration": {"path": str(_binary_calibration(t))}},
+     "calibration file is not UTF-8 text"),
+    ("evaluation not UTF-8", lambda t, m: {"evaluation": [
+        {"evaluator": "perplexity", "dataset": str(_binary_calibration(t))}]},
+     "evaluation dataset is not UTF-8 text"),
     ("empty calibration", lambda t, m: {"calibration": {"path": str(_empty_calibration(t))}},
      "calibration file is empty"),
 ]
@@ -103,3 +114,10 @@ def test_validate_accepts_good_recipe(tiny_recipe) -> None:
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert "is valid" in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(quantmill_home: Path, tiny_recipe) -> None:
+    code, err = _run(tiny_recipe(device="cuda"))
+    assert code == 2 and "device 'cuda' was asked for" in err
+    _assert_nothing_registered(quantmill_home)

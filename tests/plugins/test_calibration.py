@@ -59,5 +59,8 @@ def test_empty_file_is_refused(tmp_path: Path) -> None:
 def test_text_shorter_than_window(tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "short.txt"
     path.write_text("a few words")
-    with pytest.raises(QuantmillError, match="fewer than seq_len=512"):
+    with pytest.raises(QuantmillError, match="shorter than one window of seq_len=512"):
+        TextCalibrationSource.from_options({"path": path}).check()  # cheap, before any work
+    path.write_text("the same words again " * 40)  # enough bytes, too few tokens
+    with pytest.raises(QuantmillError, match="tokens, fewer than seq_len=512"):
         TextCalibrationSource.from_options({"path": path}).build(tokenizer)
