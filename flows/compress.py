@@ -7,9 +7,13 @@ marked failed, the staging directory is removed and no output artifact or metric
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,37 @@ from prefect.artifacts import create_table_artifact
 from quantmill.flows import tasks
 from quantmill.flows.runtime import software_versions
 from quantmill.flows.tasks import JobRef
+from quantmill.plugins.manager import get_plugin_manager
 from quantmill.registry import RegistryError
 
 REPORT_KEY = re.compile(r"[^a-z0-9-]+")
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Calls the notification hooks; a failing listener is logged, never fatal to the job."""
+
+    def __init__(self) -> None:
+        self.pm = get_plugin_manager()
+
+    def __call__(self, hook: str, **kwargs: Any) -> None:
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        except Exception as exc:  # listeners must not break an audited job
+            log.warning("a %s listener failed: %s", hook, exc)
+
+
+@contextlib.contextmanager
+def stage(notify: Notifier, name: str, run_id: int | None) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        notify("stage_finished", stage=name, run_id=run_id,
+               seconds=time.perf_counter() - started, status="failed")
+        raise
+    notify("stage_finished", stage=name, run_id=run_id, seconds=time.perf_counter() - started,
+           status="succeeded")
 
 
 def evaluation_table(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,8 +77,11 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
     """Run one recipe end to end and return a summary (ids, URIs, evaluation table)."""
     ref = JobRef(recipe_text, recipe_path, job_id or uuid.uuid4().hex, database_url)
     job = ref.job()
-    inputs = tasks.register_inputs(ref)
-    calibration_id = tasks.calibrate(ref, inputs)
+    notify = Notifier()
+    with stage(notify, "register-inputs", None):
+        inputs = tasks.register_inputs(ref)
+    with stage(notify, "calibrate", None):
+        calibration_id = tasks.calibrate(ref, inputs)
 
     input_edges = [(inputs["base_model"], "base_model")]
     if calibration_id is not None:
@@ -60,22 +95,27 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
             flow_run_id=tasks._flow_run_id(), inputs=input_edges,
         )
     try:
-        quantized = tasks.quantize(ref, inputs, calibration_id)
+        with stage(notify, "quantize", run.id):
+            quantized = tasks.quantize(ref, inputs, calibration_id)
         checkpoint_dir = quantized["checkpoint_dir"]
         evaluations: list[dict[str, Any]] = []
-        for index in range(len(job.evaluators)):
-            ev = tasks.evaluate(ref, index, inputs["base_model"], str(job.model_path),
-                                None, None, reuse=True)
-            evaluations.append({**ev, "target": "base"})
-        for index in range(len(job.evaluators)):
-            # the model source named like the export format reads the checkpoint back
-            ev = tasks.evaluate(ref, index, None, checkpoint_dir, job.exporter.format_name,
-                                checkpoint_dir, reuse=False)
-            evaluations.append({**ev, "target": "quantized"})
+        with stage(notify, "evaluate", run.id):
+            for index in range(len(job.evaluators)):
+                ev = tasks.evaluate(ref, index, inputs["base_model"], str(job.model_path),
+                                    None, None, reuse=True)
+                evaluations.append({**ev, "target": "base"})
+            for index in range(len(job.evaluators)):
+                # the model source named like the export format reads the checkpoint back
+                ev = tasks.evaluate(ref, index, None, checkpoint_dir, job.exporter.format_name,
+                                    checkpoint_dir, reuse=False)
+                evaluations.append({**ev, "target": "quantized"})
         tasks.MODEL_CACHE.clear()
-        stored = tasks.upload(ref, checkpoint_dir)
-        checkpoint_id = tasks.register(ref, run.id, stored, quantized, inputs["base_model"],
-                                       evaluations, inputs["datasets"])
+        with stage(notify, "upload", run.id):
+            stored = tasks.upload(ref, checkpoint_dir)
+        with stage(notify, "register", run.id):
+            checkpoint_id = tasks.register(ref, run.id, stored, quantized,
+                                           inputs["base_model"], evaluations,
+                                           inputs["datasets"])
     except BaseException as exc:
         tasks.MODEL_CACHE.clear()
         try:
@@ -87,6 +127,9 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
     finally:
         shutil.rmtree(ref.work_dir, ignore_errors=True)
 
+    with ref.registry() as reg:
+        notify("artifact_recorded", artifact=reg.get_artifact(checkpoint_id).to_json(),
+               run_id=run.id)
     table = evaluation_table(evaluations)
     create_table_artifact(
         key=REPORT_KEY.sub("-", f"compress-{recipe_name}".lower()).strip("-")[:100],

@@ -131,7 +131,10 @@ def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
 
 
 def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,
-                                             third_party_plugin: Path) -> None:
+                                             third_party_plugin: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    stage_log = tmp_path / "stages.log"
+    monkeypatch.setenv("QM_EXAMPLE_STAGE_LOG", str(stage_log))
     listing = _run_cli("plugins", "list")
     row = next(line for line in listing.splitlines() if " absmax " in line)
     assert "quantizer" in row and "qm-example-absmax 0.3.1" in row
@@ -146,12 +149,20 @@ def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,
         run = [r for r in reg.list_runs() if r.kind == "quantization"][0]
         metrics = {m.name: m.value for m in reg.metrics_for_artifact(ckpt.id)}
     assert ckpt.metadata["method"] == "absmax"
+    # the plugin's notification hooks saw every stage, then the recorded checkpoint
+    lines = stage_log.read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["register-inputs", "calibrate", "quantize",
+                                               "evaluate", "upload", "register", "artifact"]
+    assert all(ln.split()[1] in ("succeeded", "checkpoint") for ln in lines)
     assert any("qm_example_absmax" in k and v == "0.3.1" for k, v in run.plugins.items())
     assert 8.0 < metrics["bits_per_weight"] < 9.0
 
 
 def test_failed_step_registers_nothing(quantmill_home: Path, tiny_recipe,
-                                       third_party_plugin: Path) -> None:
+                                       third_party_plugin: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    stage_log = tmp_path / "stages.log"
+    monkeypatch.setenv("QM_EXAMPLE_STAGE_LOG", str(stage_log))
     recipe = tiny_recipe(quantization={"method": "absmax", "fail_after": 3})
     text = recipe.read_text()
     for line in ("  bits: 4\n", "  group_size: 32\n", "  sym: false\n"):
@@ -165,4 +176,5 @@ def test_failed_step_registers_nothing(quantmill_home: Path, tiny_recipe,
         assert [r.status for r in runs] == ["failed"]
         assert "absmax gave up" in runs[0].error
         assert reg.metrics_for_run(runs[0].id) == []
+    assert stage_log.read_text().splitlines()[-1] == f"quantize failed {runs[0].id}"
     assert not (quantmill_home / "work").exists() or not any((quantmill_home / "work").iterdir())

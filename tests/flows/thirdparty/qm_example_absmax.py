@@ -54,3 +54,24 @@ class AbsMaxQuantizer(Quantizer):
 @hookimpl
 def register_quantizers():
     return [AbsMaxQuantizer]
+
+
+@hookimpl
+def stage_finished(stage, run_id, seconds, status):
+    """An audit listener: append each finished stage to $QM_EXAMPLE_STAGE_LOG."""
+    import os
+
+    path = os.environ.get("QM_EXAMPLE_STAGE_LOG")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(f"{stage} {status} {run_id}\n")
+
+
+@hookimpl
+def artifact_recorded(artifact, run_id):
+    import os
+
+    path = os.environ.get("QM_EXAMPLE_STAGE_LOG")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(f"artifact {artifact['kind']} {run_id}\n")
