@@ -17,6 +17,7 @@ import torch
 from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models.gguf_stream import STREAMABLE, gguf_architecture, stream_gguf_tensors
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,14 @@ class GGUFSource(ModelSource):
             delattr(config, "quantization_config")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
-                                       torch_dtype=torch.float32)["tensors"]
-        tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device)
-                   for k, v in tensors.items()}
+        if config.model_type in STREAMABLE and gguf_architecture(path) == config.model_type:
+            tensors = {name: t.to(device) for name, t in stream_gguf_tensors(path, model)}
+        else:
+            tensors = load_gguf_checkpoint(str(path), return_tensors=True,
+                                           model_to_load=model,
+                                           torch_dtype=torch.float32)["tensors"]
+            tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device)
+                       for k, v in tensors.items()}
         alias_tied(model, tensors)
         try:
             model.load_state_dict(tensors, strict=True, assign=True)
