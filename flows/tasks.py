@@ -128,6 +128,17 @@ def _write_calibration_file(calib: CalibrationSet, directory: Path) -> Path:
     return file
 
 
+def _intact_artifact(reg: Registry, job: Job, sha256: str) -> int | None:
+    """The id of a registered artifact with this content whose stored copy is still intact;
+    None when it is new, or its copy is gone or damaged (then it is stored again)."""
+    try:
+        existing = reg.get_artifact(sha256)
+        job.storage.fetch(existing.uri, verify=True)
+    except (ArtifactNotFound, QuantmillError):
+        return None
+    return existing.id
+
+
 def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
     """Build the calibration set; register it as the output of a calibration run, unless an
     identical set (same file hash) is already registered and still intact in storage, in which
@@ -141,12 +152,9 @@ def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
     sha, _ = sha256_path(file)
     data_ids = [inputs["datasets"][str(p)] for p in job.calibration.data_files()]
     with ref.registry() as reg:
-        try:
-            existing = reg.get_artifact(sha)
-            job.storage.fetch(existing.uri, verify=True)
-            return existing.id
-        except (ArtifactNotFound, QuantmillError):
-            pass  # new, or its stored copy is gone or damaged: store and register it (again)
+        existing = _intact_artifact(reg, job, sha)
+        if existing is not None:
+            return existing
         run = reg.start_run(
             job_id=ref.job_id, kind="calibration", name=f"{job.recipe.name}:calibration",
             recipe=job.recipe_json(), plugins=job.plugin_versions, versions=software_versions(),

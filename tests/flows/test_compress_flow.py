@@ -103,6 +103,7 @@ def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
         assert len(reg.list_artifacts(kind="calibration_set")) == 1
         runs = reg.list_runs()
         assert sum(r.kind == "quantization" and r.status == "succeeded" for r in runs) == 2
+        assert sum(r.kind == "calibration" for r in runs) == 1  # the set was reused, no new run
         assert len([m for m in reg.metrics_for_artifact(base.id) if m.name == "perplexity"]) == 1
         assert len([m for m in reg.metrics_for_artifact(ckpt.id) if m.name == "perplexity"]) == 2
 
