@@ -3,9 +3,11 @@
 * ``disk_bytes``: every file of the checkpoint directory (or of the source model's files).
 * ``param_count``: elements of all parameters, counting quantized weights as unpacked elements.
 * ``quantized_weights``: elements of the weights held in packed form.
-* ``bits_per_weight``: bits of packed weights, zero points, scales and group indices per quantized
-  weight element, i.e. what the quantization really costs (4-bit g128 is about 4.25).
-  For an unquantized model it is the storage bits of its linear weights' dtype.
+* ``disk_bits_per_param``: bytes on disk x 8 / parameters, comparable between any two models
+  (the demo GGUF, Q4_1 with float norms, is about 5.85).
+* ``bits_per_weight`` (quantized models only): bits of packed weights, zero points, scales and
+  group indices per quantized weight element, i.e. what the quantization costs (4-bit g128 with
+  576-wide layers is about 4.21).
 """
 
 from __future__ import annotations
@@ -49,18 +51,16 @@ class SizeEvaluator(Evaluator):
         paths = [checkpoint_dir] if checkpoint_dir is not None else list(loaded.files)
         disk = _disk_bytes(paths)
         quantized, bits, params = packed_stats(loaded.model)
-        if quantized:
-            bits_per_weight = bits / quantized
-        else:
-            linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
-            bits_per_weight = float(linears[0].weight.element_size() * 8) if linears else 0.0
+        total = params + quantized
         metrics = [
             Metric("disk_bytes", float(disk), "B"),
             Metric("disk_mb", disk / 1e6, "MB"),
-            Metric("param_count", float(params + quantized)),
+            Metric("param_count", float(total)),
             Metric("quantized_weights", float(quantized)),
-            Metric("bits_per_weight", bits_per_weight, "bit"),
+            Metric("disk_bits_per_param", disk * 8 / total if total else 0.0, "bit"),
         ]
+        if quantized:
+            metrics.append(Metric("bits_per_weight", bits / quantized, "bit"))
         protocol = {"counted": "checkpoint directory" if checkpoint_dir else "source files"}
         return EvaluationResult(self.name, metrics, protocol)
 
