@@ -12,8 +12,11 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
+
+from quantmill.registry.errors import RegistryError
 
 ENV_DATABASE_URL = "QUANTMILL_DATABASE_URL"
 ENV_HOME = "QUANTMILL_HOME"
@@ -54,7 +57,12 @@ def resolve_database_url(url: str | None = None) -> str:
     chosen = url or os.environ.get(ENV_DATABASE_URL)
     if not chosen:
         chosen = f"sqlite:///{quantmill_home() / 'registry.db'}"
-    return normalize_url(chosen)
+    try:
+        normalized = normalize_url(chosen)
+        make_url(normalized).get_dialect()  # an unknown database driver fails here, clearly
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise RegistryError(f"invalid registry database URL: {exc}") from None
+    return normalized
 
 
 def redact_url(url: str | URL) -> str:

@@ -121,3 +121,22 @@ def test_cuda_requested_without_cuda(quantmill_home: Path, tiny_recipe) -> None:
     code, err = _run(tiny_recipe(device="cuda"))
     assert code == 2 and "device 'cuda' was asked for" in err
     _assert_nothing_registered(quantmill_home)
+
+
+@pytest.mark.parametrize("url,message", [
+    ("foo://bar", "invalid registry database URL: Can't load plugin"),
+    ("not a url", "invalid registry database URL: Could not parse"),
+])
+def test_bad_database_url(url: str, message: str, quantmill_home: Path) -> None:
+    result = runner.invoke(app, ["artifacts", "list", "--database-url", url])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["lineage", "999"], "no artifact with id 999"),
+    (["artifacts", "show", "zzzzzz"], "no artifact matches 'zzzzzz'"),
+])
+def test_unknown_artifact(args: list[str], message: str, quantmill_home: Path) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.stderr

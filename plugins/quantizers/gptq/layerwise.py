@@ -251,12 +251,21 @@ class BlockQuantizer:
 @torch.inference_mode()
 def verify_staging(block: torch.nn.Module, h: torch.Tensor, kw: dict[str, Any],
                    device: torch.device) -> None:
-    """Refuse a block whose forward is not what the staged execution assumes."""
+    """Refuse a block whose forward is not what the staged execution assumes (checked on the
+    first block and the first calibration sample; every block of a model shares one class)."""
     work = copy.deepcopy(block).to(device)
     m = dict(work.named_modules())
     x = h[:1].to(device)
-    small_kw = {k: (tuple(t[:1] for t in v) if isinstance(v, tuple) else v)
-                for k, v in kw.items()}
+    batch = h.shape[0]
+
+    def first_sample(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(first_sample(v) for v in value)
+        return value
+
+    small_kw = {k: first_sample(v) for k, v in kw.items()}
     reference = work(x, **small_kw)
     reference = reference[0] if isinstance(reference, tuple) else reference
     h2 = x + m["self_attn"](hidden_states=m["input_layernorm"](x), **small_kw)[0]
