@@ -98,12 +98,14 @@ def quantize_worker(settings: dict, calib: Path, out: Path) -> dict:
     from quantmill.plugins.models.modules import quantizable_linears
     from quantmill.plugins.models.sources import GGUFSource
 
-    t0 = time.perf_counter()
-    loaded = GGUFSource().load(demo_gguf(), torch.device("cpu"))
-    load_s = time.perf_counter() - t0
     catalog = Catalog(get_plugin_manager(load_entrypoints=False))
     options = dict(settings)
     quantizer = build_plugin(catalog.quantizers, options.pop("method"), options, "bench", REPO)
+    t0 = time.perf_counter()
+    source = GGUFSource()  # as the flow does: deferred block weights for layer-by-layer methods
+    load = source.load_deferred if quantizer.accepts_deferred_weights else source.load
+    loaded = load(demo_gguf(), torch.device("cpu"))
+    load_s = time.perf_counter() - t0
     allocator = catalog.bit_allocators.get("uniform")()
     calibration = CalibrationSet(load_file(str(calib))["input_ids"], {})
     t1 = time.perf_counter()

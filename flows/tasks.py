@@ -239,7 +239,13 @@ def dataset_id(ref: JobRef, path: Path) -> int | None:
 def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | None) -> dict:
     """Plan, quantize and export the checkpoint into the job's staging directory."""
     job = ref.job()
-    loaded = MODEL_CACHE.get(job, job.model_path)
+    if job.quantizer.accepts_deferred_weights:
+        # layer by layer: block weights are read when their block comes up (less memory);
+        # the base-model evaluation that follows loads the model fully
+        MODEL_CACHE.clear()
+        loaded = job.model_source.load_deferred(job.model_path, job.device())
+    else:
+        loaded = MODEL_CACHE.get(job, job.model_path)
     calibration = load_calibration(ref, job, calibration_id)
     quantizable = job.quantizable(loaded.model)
     default = job.quantizer.default_spec()

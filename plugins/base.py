@@ -204,6 +204,12 @@ class ModelSource(Plugin):
     @abc.abstractmethod
     def load(self, path: Path, device: torch.device) -> LoadedModel: ...
 
+    def load_deferred(self, path: Path, device: torch.device) -> LoadedModel:
+        """Like ``load``, but a source may leave decoder-block linear weights on the meta device
+        with a fetcher attached (``plugins.models.deferred``) for layer-by-layer consumers.
+        The default loads everything."""
+        return self.load(path, device)
+
     def load_tokenizer(self, path: Path) -> Any:
         """Only the tokenizer (calibration needs no weights); sources override this when they
         can read it without loading the model."""
@@ -242,6 +248,9 @@ class Quantizer(Plugin):
     """Quantizes the linear modules a plan names; never mutates the model it is given."""
 
     needs_calibration: ClassVar[bool] = False
+    #: True when ``quantize`` fetches deferred decoder-block weights itself (layer by layer), so
+    #: the job may load the model with ``ModelSource.load_deferred`` to save memory.
+    accepts_deferred_weights: ClassVar[bool] = False
 
     def default_spec(self) -> ModuleQuantSpec | None:
         """The uniform spec from this quantizer's own settings (for the uniform allocator)."""

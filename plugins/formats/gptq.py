@@ -39,6 +39,7 @@ from quantmill.plugins.base import (
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.formats.packing import packed_length
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models import deferred
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.quant_linear import GPTQLinear, zero_offset_for
 
@@ -251,10 +252,13 @@ def checkpoint_tensors(
 
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
+    fetcher = deferred.fetcher_of(model)
     for key, tensor in state_dict.items():
         if key in skip:
             continue
         t = tensor.detach()
+        if t.is_meta and fetcher is not None:  # a deferred weight the quantizer did not touch
+            t = fetcher.fetch([key])[key]
         if t.is_floating_point():
             t = t.to(torch.float16)
         t = t.to("cpu").contiguous()

@@ -26,7 +26,11 @@ def alias_tied(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None
                 tensors[key] = tensors[present[0]]
 
 
-def materialize_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
+def materialize_non_persistent_buffers(
+    model: torch.nn.Module,
+    device: torch.device,
+    allowed_meta: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Give buffers that no checkpoint holds (rotary inv_freq) real values on ``device``.
 
     The model was built on the meta device, so these buffers have no data. transformers' own
@@ -61,7 +65,7 @@ def materialize_non_persistent_buffers(model: torch.nn.Module, device: torch.dev
             for tensor in loaded:
                 del tensor._is_hf_initialized
     leftover = [n for n, b in model.named_buffers() if b.is_meta]
-    leftover += [n for n, p in model.named_parameters() if p.is_meta]
+    leftover += [n for n, p in model.named_parameters() if p.is_meta and n not in allowed_meta]
     if leftover:
         raise QuantmillError(
             f"tensors left without values after loading: {', '.join(sorted(leftover)[:5])}"

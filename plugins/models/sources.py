@@ -17,7 +17,8 @@ import torch
 from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
-from quantmill.plugins.models.gguf_stream import STREAMABLE, gguf_architecture, stream_gguf_tensors
+from quantmill.plugins.models import deferred as deferred_weights
+from quantmill.plugins.models.gguf_stream import STREAMABLE, GGUFTensors, gguf_architecture
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,49 @@ def check_weights_directory(path: Path) -> None:
     raise QuantmillError(f"no weights in model directory {path} (expected *.safetensors)")
 
 
+class SafetensorsTensors:
+    """Tensors of safetensors files by name, read one at a time (float32, CPU)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = file
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def fetch(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for file in {self.where[n] for n in names}:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in names:
+                    if self.where[name] == file:
+                        tensor = handle.get_tensor(name)
+                        out[name] = tensor.float() if tensor.is_floating_point() else tensor
+        return out
+
+
+def _assign(model: torch.nn.Module, tensors: dict[str, torch.Tensor], deferred: set[str],
+            device: torch.device, path: Path) -> None:
+    """Assign loaded tensors into a meta-device model; only ``deferred`` may stay meta."""
+    alias_tied(model, tensors)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = set(result.missing_keys) - deferred
+    if missing or result.unexpected_keys:
+        raise QuantmillError(
+            f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]})"
+        )
+    model.tie_weights()
+    materialize_non_persistent_buffers(model, device, allowed_meta=deferred)
+
+
 class HFDirectorySource(ModelSource):
     """A local Hugging Face model directory with safetensors weights."""
 
@@ -86,6 +130,27 @@ class HFDirectorySource(ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         files = _safetensors_files(path) + [path / "config.json"]
         return LoadedModel(model.to(device).eval(), tokenizer, path, "hf-safetensors", files)
+
+    def load_deferred(self, path: Path, device: torch.device) -> LoadedModel:
+        """Decoder-block linear weights stay on the meta device, read from the safetensors
+        files (memory-mapped by ``safe_open``) when a consumer fetches them."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.check(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fetcher = SafetensorsTensors(_safetensors_files(path))
+        is_deferred = deferred_weights.defer_block_linears(model)
+        deferred = {name for name in fetcher.names() if is_deferred(name)}
+        tensors = fetcher.fetch([n for n in fetcher.names() if n not in deferred])
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        if deferred:
+            deferred_weights.attach(model, fetcher)
+        _assign(model, tensors, deferred, device, path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        files = _safetensors_files(path) + [path / "config.json"]
+        return LoadedModel(model.eval(), tokenizer, path, "hf-safetensors", files)
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer
@@ -117,6 +182,12 @@ class GGUFSource(ModelSource):
         then refuses to save it) and holds more than one copy of the weights while loading;
         here the tensors are assigned in place, so peak memory is one float32 copy.
         """
+        return self._load(path, device, defer=False)
+
+    def load_deferred(self, path: Path, device: torch.device) -> LoadedModel:
+        return self._load(path, device, defer=True)
+
+    def _load(self, path: Path, device: torch.device, defer: bool) -> LoadedModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -127,22 +198,25 @@ class GGUFSource(ModelSource):
             delattr(config, "quantization_config")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        deferred: set[str] = set()
         if config.model_type in STREAMABLE and gguf_architecture(path) == config.model_type:
-            tensors = {name: t.to(device) for name, t in stream_gguf_tensors(path, model)}
-        else:
+            source = GGUFTensors(path, model)
+            is_deferred = deferred_weights.defer_block_linears(model) if defer else None
+            tensors = {}
+            for name in source.names():
+                if is_deferred is not None and is_deferred(name):
+                    deferred.add(name)
+                else:
+                    tensors[name] = source.load(name).to(device)
+            if deferred:
+                deferred_weights.attach(model, source)
+        else:  # architectures the streaming reader does not know: everything, eagerly
             tensors = load_gguf_checkpoint(str(path), return_tensors=True,
                                            model_to_load=model,
                                            torch_dtype=torch.float32)["tensors"]
             tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device)
                        for k, v in tensors.items()}
-        alias_tied(model, tensors)
-        try:
-            model.load_state_dict(tensors, strict=True, assign=True)
-        except RuntimeError as exc:
-            raise QuantmillError(f"{path}: GGUF tensors do not fit the model: {exc}") from None
-        del tensors
-        model.tie_weights()
-        materialize_non_persistent_buffers(model, device)
+        _assign(model, tensors, deferred, device, path)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         return LoadedModel(model.eval(), tokenizer, path, "gguf", [path])
 

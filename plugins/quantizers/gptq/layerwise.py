@@ -28,6 +28,7 @@ import torch
 
 from quantmill.plugins.base import ModuleQuantSpec, QuantizedWeight
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.models import deferred
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
@@ -155,8 +156,9 @@ class BlockQuantizer:
     """Quantizes one decoder block in stages and turns its inputs into the next block's."""
 
     def __init__(self, block: torch.nn.Module, specs: dict[str, ModuleQuantSpec],
-                 options: LayerwiseOptions):
-        self.work = copy.deepcopy(block).to(options.device)  # the caller's block stays intact
+                 options: LayerwiseOptions, name: str = "",
+                 fetcher: deferred.WeightFetcher | None = None):
+        self.work = _working_copy(block, options.device, name, fetcher)
         self.modules = dict(self.work.named_modules())
         self.specs = specs
         self.options = options
@@ -248,12 +250,23 @@ class BlockQuantizer:
         return self.result
 
 
+def _working_copy(block: torch.nn.Module, device: torch.device, name: str,
+                  fetcher: deferred.WeightFetcher | None) -> torch.nn.Module:
+    """A copy of the block on ``device`` with real weights (deferred ones fetched now); the
+    caller's block stays as it is."""
+    work = copy.deepcopy(block)
+    if fetcher is not None:
+        deferred.materialize(work, name, fetcher, device)
+    return work.to(device)
+
+
 @torch.inference_mode()
 def verify_staging(block: torch.nn.Module, h: torch.Tensor, kw: dict[str, Any],
-                   device: torch.device) -> None:
+                   device: torch.device, name: str = "",
+                   fetcher: deferred.WeightFetcher | None = None) -> None:
     """Refuse a block whose forward is not what the staged execution assumes (checked on the
     first block and the first calibration sample; every block of a model shares one class)."""
-    work = copy.deepcopy(block).to(device)
+    work = _working_copy(block, device, name, fetcher)
     m = dict(work.named_modules())
     x = h[:1].to(device)
     batch = h.shape[0]
@@ -300,12 +313,14 @@ def quantize_model_layerwise(
                                           options.device)
     kwargs = [{k: v for k, v in kw.items() if k not in ("use_cache", "past_key_values",
                                                          "past_key_value")} for kw in kwargs]
-    verify_staging(layers[0], hidden[0], kwargs[0], options.device)
+    fetcher = deferred.fetcher_of(model)
+    verify_staging(layers[0], hidden[0], kwargs[0], options.device, f"{prefix}.0", fetcher)
     weights: dict[str, QuantizedWeight] = {}
     stats: dict[str, GPTQStats] = {}
     with progress_bar("quantize (gptq)", total=len(layers)) as advance:
         for i, block in enumerate(layers):
-            result = BlockQuantizer(block, per_block[i], options).run(hidden, kwargs)
+            result = BlockQuantizer(block, per_block[i], options, f"{prefix}.{i}",
+                                    fetcher).run(hidden, kwargs)
             for local, qw in result.weights.items():
                 weights[f"{prefix}.{i}.{local}"] = qw
                 stats[f"{prefix}.{i}.{local}"] = result.stats[local]

@@ -43,6 +43,7 @@ class GPTQQuantizer(RTNQuantizer):
     name = "gptq"
     Config = GPTQConfig
     needs_calibration = True
+    accepts_deferred_weights = True
 
     def quantize(
         self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None
@@ -50,7 +51,7 @@ class GPTQQuantizer(RTNQuantizer):
         if calibration is None:
             raise QuantmillError("gptq needs a calibration set")
         c = self.config
-        device = next(model.parameters()).device
+        device = model.get_input_embeddings().weight.device
         options = LayerwiseOptions(desc_act=c.desc_act, static_groups=c.static_groups,
                                    damp_percent=c.damp_percent, block_size=c.block_size,
                                    mse_clip=c.mse_clip, batch_size=c.batch_size, device=device)
