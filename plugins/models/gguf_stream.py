@@ -71,9 +71,3 @@ class GGUFTensors:
         for name in self.index:
             yield name, self.load(name)
 
-
-def stream_gguf_tensors(
-    path: Path, model: torch.nn.Module, dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(transformers parameter name, tensor)`` for every tensor the model has."""
-    yield from GGUFTensors(path, model, dtype)
