@@ -113,6 +113,11 @@ class QuantPlan:
         }
 
 
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups along the input features; -1 means one group, and a last group may be shorter."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
 @dataclass
 class QuantizedWeight:
     """One quantized linear weight in unpacked integer form.

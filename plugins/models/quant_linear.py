@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from quantmill.plugins.base import QuantizedWeight
+from quantmill.plugins.base import num_groups as count_groups
 from quantmill.plugins.formats.packing import (
     pack_cols,
     pack_rows,
@@ -35,10 +36,6 @@ def zero_offset_for(checkpoint_format: str) -> int:
         raise ValueError(
             f"unknown GPTQ checkpoint_format {checkpoint_format!r} (known: {known})"
         ) from None
-
-
-def _num_groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else -(-in_features // group_size)
 
 
 class GPTQLinear(torch.nn.Module):
@@ -80,7 +77,7 @@ class GPTQLinear(torch.nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.zero_offset = zero_offset
-        groups = num_groups if num_groups is not None else _num_groups(in_features, group_size)
+        groups = num_groups if num_groups is not None else count_groups(in_features, group_size)
         rows = packed_length(in_features, bits)
         zero_cols = packed_length(out_features, bits)
         # Allocated empty: the values come from a checkpoint (load_state_dict) or from_quantized.

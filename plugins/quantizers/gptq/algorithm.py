@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantmill.plugins.base import QuantizedWeight
+from quantmill.plugins.base import QuantizedWeight, num_groups
 from quantmill.plugins.quantizers.rtn.algorithm import compute_scales_zeros
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def gptq_quantize(
     out_features, cols = w.shape
     maxq = 2**s.bits - 1
     gsize = cols if s.group_size == -1 else min(s.group_size, cols)
-    n_groups = -(-cols // gsize)
+    n_groups = num_groups(cols, gsize)
 
     w[:, prepared.dead] = 0.0
     w_orig = w.clone()

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from quantmill.plugins.base import QuantizedWeight
+from quantmill.plugins.base import QuantizedWeight, num_groups
 
 
 def group_index(in_features: int, group_size: int) -> torch.Tensor:
     """``g_idx`` for consecutive groups: column i belongs to group i // group_size (int32 [in])."""
     size = in_features if group_size == -1 else group_size
     return torch.arange(in_features, dtype=torch.int32) // size
-
-
-def _num_groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else -(-in_features // group_size)
 
 
 def compute_scales_zeros(
@@ -67,7 +63,7 @@ def quantize_groups(
     out_features, in_features = w.shape
     maxq = 2**bits - 1
     size = in_features if group_size == -1 else min(group_size, in_features)
-    n_groups = _num_groups(in_features, size)
+    n_groups = num_groups(in_features, size)
     scales = torch.empty(n_groups, out_features, dtype=torch.float32)
     zeros = torch.empty(n_groups, out_features, dtype=torch.float32)
     intweight = torch.empty(out_features, in_features, dtype=torch.uint8)
