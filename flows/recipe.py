@@ -235,6 +235,11 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         evaluators.append(evaluator)
     exporter = build_plugin(catalog.exporters, recipe.export.format, recipe.export.options,
                             "export", base_dir)
+    if quantizer.weight_kind not in exporter.accepts_weight_kinds:
+        raise ConfigError(
+            f"export format '{recipe.export.format}' cannot write the {quantizer.weight_kind} "
+            f"weights that method '{q.method}' produces (it writes: "
+            f"{', '.join(sorted(exporter.accepts_weight_kinds))})")
     storage = build_plugin(catalog.storage_backends, recipe.storage.backend,
                            recipe.storage.options, "storage", base_dir)
     plugins = [source, calibration, quantizer, allocator, *evaluators, exporter, storage]

@@ -262,6 +262,7 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
     return {
         "checkpoint_dir": str(staging),
         "plan": plan.to_json(),
+        "plan_details": _jsonable(plan.details),
         "quantize_seconds": round(quantize_seconds, 3),
         "details": _jsonable(result.details),
         "export": _jsonable(summary),
@@ -302,6 +303,7 @@ def register_step(
             role="quantized_checkpoint",
             metadata={"export": quantized["export"], "method": job.quantizer.name},
         )], metrics=metrics, details={"plan": quantized["plan"],
+                                      "plan_details": quantized.get("plan_details", {}),
                                       "quantize_seconds": quantized["quantize_seconds"],
                                       "quantizer": quantized["details"]})
         return reg.get_artifact(stored["sha256"]).id

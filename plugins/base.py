@@ -102,9 +102,15 @@ class ModuleQuantSpec:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """An explicit per-module plan: module name -> spec. Modules absent stay in float."""
+    """An explicit per-module plan: module name -> spec. Modules absent stay in float.
+
+    ``details`` is how the allocator arrived at the plan (for a mixed-precision plan: the budget,
+    the candidate formats and the measured sensitivity table); it is stored in the registry with
+    the run so an auditor can see why a module got its bits.
+    """
 
     modules: dict[str, ModuleQuantSpec]
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,10 +160,49 @@ class QuantizedWeight:
 
 
 @dataclass
+class ClusteredWeight:
+    """One linear weight as a non-uniform codebook per output row (weight clustering).
+
+    ``indices`` is uint8 [out_features, in_features] with values in [0, 2**bits - 1];
+    ``codebook`` is float32 [out_features, 2**bits], values already rounded to fp16 (so a
+    checkpoint reproduces them exactly). The weight it stands for is
+    ``codebook.gather(1, indices)``: a look-up, not an affine map, so no scale or zero exists.
+    """
+
+    indices: torch.Tensor
+    codebook: torch.Tensor
+    bits: int
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.indices.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as floats, [out_features, in_features]."""
+        return self.codebook.to(torch.float32).gather(1, self.indices.long()).to(dtype)
+
+
+#: Every kind of quantized weight a quantizer may produce; exporters declare which they write.
+QuantizedTensor = QuantizedWeight | ClusteredWeight
+
+WEIGHT_KINDS: dict[type, str] = {QuantizedWeight: "uniform", ClusteredWeight: "codebook"}
+
+
+def weight_kind(weight: QuantizedTensor) -> str:
+    """``"uniform"`` (integers with scales and zeros) or ``"codebook"`` (look-up table)."""
+    return WEIGHT_KINDS[type(weight)]
+
+
+@dataclass
 class QuantizationResult:
     """What a quantizer hands to an exporter: the quantized weights and how they were made."""
 
-    weights: dict[str, QuantizedWeight]
+    weights: dict[str, QuantizedTensor]
     plan: QuantPlan
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -253,6 +298,9 @@ class Quantizer(Plugin):
     """Quantizes the linear modules a plan names; never mutates the model it is given."""
 
     needs_calibration: ClassVar[bool] = False
+    #: the kind of weights ``quantize`` returns (see ``weight_kind``); the recipe is refused
+    #: before any work starts when the chosen exporter cannot write that kind
+    weight_kind: ClassVar[str] = "uniform"
     #: True when ``quantize`` fetches deferred decoder-block weights itself (layer by layer), so
     #: the job may load the model with ``ModelSource.load_deferred`` to save memory.
     accepts_deferred_weights: ClassVar[bool] = False
@@ -296,6 +344,8 @@ class Exporter(Plugin):
     """
 
     format_name: ClassVar[str]
+    #: the weight kinds (``weight_kind``) this exporter can write
+    accepts_weight_kinds: ClassVar[frozenset[str]] = frozenset({"uniform"})
 
     @abc.abstractmethod
     def export(
