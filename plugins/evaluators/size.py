@@ -19,8 +19,6 @@ import torch
 from quantmill.plugins.base import EvaluationResult, Evaluator, LoadedModel, Metric
 from quantmill.plugins.hookspecs import hookimpl
 
-PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
-
 
 def _disk_bytes(paths: list[Path]) -> int:
     total = 0
@@ -33,13 +31,18 @@ def _disk_bytes(paths: list[Path]) -> int:
 
 
 def packed_stats(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(quantized weight elements, bits spent on them, other parameter elements)."""
+    """(quantized weight elements, bits spent on them, other parameter elements).
+
+    A quantized linear module (GPTQ, look-up table, int8...) names the buffers that stand for
+    its weight in a ``QUANTIZED_BUFFERS`` class attribute; their bits are what the weight costs.
+    """
     quantized, bits = 0, 0
     for module in model.modules():
-        if all(hasattr(module, name) for name in PACKED_BUFFERS):
+        buffers = getattr(type(module), "QUANTIZED_BUFFERS", None)
+        if buffers:
             quantized += int(module.in_features) * int(module.out_features)
             bits += sum(getattr(module, name).numel() * getattr(module, name).element_size() * 8
-                        for name in PACKED_BUFFERS)
+                        for name in buffers if getattr(module, name, None) is not None)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return quantized, bits, params
 

@@ -51,6 +51,9 @@ class GPTQLinear(torch.nn.Module):
     * ``bias`` fp16 [out] or None.
     """
 
+    #: the buffers that together stand for the weight (the size evaluator counts their bits)
+    QUANTIZED_BUFFERS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+
     qweight: torch.Tensor
     qzeros: torch.Tensor
     scales: torch.Tensor
