@@ -18,8 +18,10 @@ from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred as deferred_weights
-from quantmill.plugins.models.gguf_stream import STREAMABLE, GGUFTensors, gguf_architecture
+from quantmill.plugins.models.gguf_stream import STREAMABLE, GGUFTensors
+from quantmill.plugins.models.lazy_tokenizer import LazyTokenizer
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
+from quantmill.plugins.models.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,11 @@ def _assign(model: torch.nn.Module, tensors: dict[str, torch.Tensor], deferred: 
     """Assign loaded tensors into a meta-device model; only ``deferred`` may stay meta."""
     alias_tied(model, tensors)
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    missing = set(result.missing_keys) - deferred
+    params = dict(model.named_parameters(remove_duplicate=False))
+    deferred_params = {id(params[k]) for k in deferred if k in params}
+    # a key tied to a deferred one (lm_head tied to the embedding) is deferred with it
+    missing = {k for k in set(result.missing_keys) - deferred
+               if id(params.get(k)) not in deferred_params}
     if missing or result.unexpected_keys:
         raise QuantmillError(
             f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
@@ -118,7 +124,8 @@ class HFDirectorySource(ModelSource):
         check_weights_directory(path)
 
     def accepts(self, path: Path) -> bool:
-        return path.is_dir() and not _has_quantization_config(path, "gptq")
+        return path.is_dir() and not any(_has_quantization_config(path, method)
+                                         for method in ("gptq", "compressed-tensors"))
 
     def load(self, path: Path, device: torch.device) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,21 +141,22 @@ class HFDirectorySource(ModelSource):
     def load_deferred(self, path: Path, device: torch.device) -> LoadedModel:
         """Decoder-block linear weights stay on the meta device, read from the safetensors
         files (memory-mapped by ``safe_open``) when a consumer fetches them."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.check(path)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fetcher = SafetensorsTensors(_safetensors_files(path))
-        is_deferred = deferred_weights.defer_block_linears(model)
+        is_deferred = deferred_weights.deferrable(model)
         deferred = {name for name in fetcher.names() if is_deferred(name)}
         tensors = fetcher.fetch([n for n in fetcher.names() if n not in deferred])
         tensors = {k: v.to(device) for k, v in tensors.items()}
         if deferred:
             deferred_weights.attach(model, fetcher)
         _assign(model, tensors, deferred, device, path)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = LazyTokenizer(lambda: self.load_tokenizer(path))
+        release_free_memory()
         files = _safetensors_files(path) + [path / "config.json"]
         return LoadedModel(model.eval(), tokenizer, path, "hf-safetensors", files)
 
@@ -188,20 +196,27 @@ class GGUFSource(ModelSource):
         return self._load(path, device, defer=True)
 
     def _load(self, path: Path, device: torch.device, defer: bool) -> LoadedModel:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         self.check(path)
         kwargs = {"gguf_file": path.name, "local_files_only": True}
-        config = AutoConfig.from_pretrained(path.parent, **kwargs)
+        # the metadata is parsed once, for the config and the tensor processor alike (this is
+        # what AutoConfig.from_pretrained(gguf_file=...) does with it)
+        config_dict = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        model_type = config_dict.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise QuantmillError(f"{path}: unsupported GGUF architecture '{model_type}'")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         deferred: set[str] = set()
-        if config.model_type in STREAMABLE and gguf_architecture(path) == config.model_type:
-            source = GGUFTensors(path, model)
-            is_deferred = deferred_weights.defer_block_linears(model) if defer else None
+        source = (GGUFTensors(path, model, config=config_dict)
+                  if config.model_type in STREAMABLE else None)
+        if source is not None and source.architecture == config.model_type:
+            is_deferred = deferred_weights.deferrable(model) if defer else None
             tensors = {}
             for name in source.names():
                 if is_deferred is not None and is_deferred(name):
@@ -217,7 +232,11 @@ class GGUFSource(ModelSource):
             tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device)
                        for k, v in tensors.items()}
         _assign(model, tensors, deferred, device, path)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        # a deferred load is for layer-by-layer quantization, which needs no tokenizer until
+        # the checkpoint is written
+        tokenizer = (LazyTokenizer(lambda: self.load_tokenizer(path)) if defer
+                     else AutoTokenizer.from_pretrained(path.parent, **kwargs))
+        release_free_memory()  # the parsed metadata and transient tensors, now freed
         return LoadedModel(model.eval(), tokenizer, path, "gguf", [path])
 
     def load_tokenizer(self, path: Path) -> Any:

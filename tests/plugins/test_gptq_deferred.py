@@ -1,5 +1,5 @@
-"""Deferred weights: decoder-block linears stay on the meta device until GPTQ reaches their
-block; the result and the checkpoint are exactly those of a fully loaded model."""
+"""Deferred weights: decoder-block linears and the embeddings stay on the meta device until GPTQ
+needs them; the result and the checkpoint are exactly those of a fully loaded model."""
 
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
 CPU = torch.device("cpu")
 
 
-def test_deferred_load_leaves_block_linears_on_meta(tiny_model_dir: Path) -> None:
+def test_deferred_load_leaves_block_linears_and_embeddings_on_meta(tiny_model_dir: Path) -> None:
     loaded = HFDirectorySource().load_deferred(tiny_model_dir, CPU)
-    meta = {n for n, p in loaded.model.named_parameters() if p.is_meta}
+    meta = {n for n, p in loaded.model.named_parameters(remove_duplicate=False) if p.is_meta}
     linears = set(quantizable_linears(loaded.model))
-    assert meta == {f"{n}.weight" for n in linears}
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert meta == {f"{n}.weight" for n in linears} | embeddings
     assert deferred.fetcher_of(loaded.model) is not None
-    assert not loaded.model.model.embed_tokens.weight.is_meta
+    assert not loaded.model.model.norm.weight.is_meta  # small tensors are loaded
     full = HFDirectorySource().load(tiny_model_dir, CPU).model.state_dict()
-    fetched = deferred.fetcher_of(loaded.model).fetch(sorted(meta))
-    assert all(torch.equal(fetched[k], full[k]) for k in meta)
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied
+    stored = meta - {"lm_head.weight"}  # the file holds the tied embedding once
+    fetched = deferred.fetcher_of(loaded.model).fetch(sorted(stored))
+    assert all(torch.equal(fetched[k], full[k]) for k in stored)
 
 
 def test_gptq_on_deferred_model_equals_full_model(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -40,6 +43,9 @@ def test_gptq_on_deferred_model_equals_full_model(tiny_model_dir: Path, tmp_path
         # leave one block linear unquantized: the writer must fetch its deferred weight
         plan = QuantPlan({n: q.default_spec() for n in names if not n.endswith("1.mlp.up_proj")})
         result = q.quantize(loaded.model, plan, CalibrationSet(ids, {}))
+        if how == "load_deferred":  # the embedding was only borrowed for the capture pass
+            assert loaded.model.model.embed_tokens.weight.is_meta
+            assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
         results.append(result)
         out = tmp_path / how
         write_gptq_checkpoint(loaded, result, out)

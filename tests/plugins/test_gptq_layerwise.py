@@ -61,7 +61,8 @@ def reference_gptq(model, ids, bits, group):
 
 def test_staged_pass_matches_reference(tiny_model, calib_ids) -> None:
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    q = GPTQQuantizer.from_options({"bits": 4, "group_size": 32, "batch_size": 4})
+    q = GPTQQuantizer.from_options({"bits": 4, "group_size": 32, "batch_size": 4,
+                                    "activation_cache": "float32"})
     plan = QuantPlan({n: q.default_spec() for n in quantizable_linears(tiny_model,
                                                                          q.skip_patterns())})
     result = q.quantize(tiny_model, plan, CalibrationSet(calib_ids, {}))
@@ -74,6 +75,37 @@ def test_staged_pass_matches_reference(tiny_model, calib_ids) -> None:
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert result.details["layers"]["model.layers.1.mlp.down_proj"]["damp_used"] == 0.01
+
+
+def _logits_error(model, result, ids) -> float:
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+    work = copy.deepcopy(model)
+    mods = dict(work.named_modules())
+    for name, qw in result.weights.items():
+        mods[name].weight.data = qw.dequantize()
+    with torch.inference_mode():
+        return float((work(input_ids=ids).logits - ref).pow(2).mean())
+
+
+def test_bfloat16_activation_cache_changes_little(tiny_model, calib_ids) -> None:
+    """The default bf16 cache of o_proj/down_proj inputs: nearly the same integers and the same
+    quality as the exact float32 pass."""
+    results = {}
+    for cache in ("float32", "bfloat16"):
+        q = GPTQQuantizer.from_options({"bits": 4, "group_size": 32, "batch_size": 4,
+                                        "activation_cache": cache})
+        plan = QuantPlan({n: q.default_spec()
+                          for n in quantizable_linears(tiny_model, q.skip_patterns())})
+        results[cache] = q.quantize(tiny_model, plan, CalibrationSet(calib_ids, {}))
+    exact, rounded = results["float32"], results["bfloat16"]
+    assert rounded.details["activation_cache"] == "bfloat16"
+    same = torch.cat([(exact.weights[n].intweight == rounded.weights[n].intweight).flatten()
+                      for n in exact.weights]).float().mean()
+    assert same > 0.95
+    ids = calib_ids[:, :32]
+    e_exact, e_rounded = (_logits_error(tiny_model, r, ids) for r in (exact, rounded))
+    assert abs(e_rounded - e_exact) < 0.05 * e_exact
 
 
 def test_gptq_model_output_closer_than_rtn(tiny_model, calib_ids) -> None:

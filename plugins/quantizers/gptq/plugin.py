@@ -14,9 +14,12 @@ Sample recipe section (GPTQModel's defaults, then quantmill's recommended additi
       block_size: 128
       mse_clip: false      # search each group's clipping range (helps most at 3 bits)
       batch_size: 8        # calibration samples per forward pass
+      activation_cache: bfloat16  # cached o_proj/down_proj inputs; float32 = exact, +1/3 memory
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -24,6 +27,7 @@ from pydantic import Field
 from quantmill.plugins.base import CalibrationSet, QuantizationResult, QuantPlan
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models import deferred
 from quantmill.plugins.quantizers.gptq.layerwise import LayerwiseOptions, quantize_model_layerwise
 from quantmill.plugins.quantizers.rtn.plugin import RTNQuantizer, UniformSettings
 
@@ -35,6 +39,7 @@ class GPTQConfig(UniformSettings):
     block_size: int = Field(128, ge=8, le=4096)
     mse_clip: bool = False
     batch_size: int = Field(8, ge=1, le=1024)
+    activation_cache: Literal["bfloat16", "float32"] = "bfloat16"
 
 
 class GPTQQuantizer(RTNQuantizer):
@@ -51,10 +56,12 @@ class GPTQQuantizer(RTNQuantizer):
         if calibration is None:
             raise QuantmillError("gptq needs a calibration set")
         c = self.config
-        device = model.get_input_embeddings().weight.device
+        device = deferred.model_device(model)
         options = LayerwiseOptions(desc_act=c.desc_act, static_groups=c.static_groups,
                                    damp_percent=c.damp_percent, block_size=c.block_size,
-                                   mse_clip=c.mse_clip, batch_size=c.batch_size, device=device)
+                                   mse_clip=c.mse_clip, batch_size=c.batch_size,
+                                   activation_cache=getattr(torch, c.activation_cache),
+                                   device=device)
         weights, stats = quantize_model_layerwise(model, plan.modules, calibration.input_ids,
                                                   options)
         details = {
@@ -63,6 +70,7 @@ class GPTQQuantizer(RTNQuantizer):
             "desc_act": c.desc_act,
             "static_groups": c.static_groups,
             "mse_clip": c.mse_clip,
+            "activation_cache": c.activation_cache,
             "calibration_tokens": int(calibration.input_ids.numel()),
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
                               "hessian_error": s.hessian_error}
