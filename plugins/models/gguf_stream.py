@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,13 +28,24 @@ def _architecture(reader: object) -> str:
     return str(read_field(reader, "general.architecture")[0])
 
 
+class TensorRef(NamedTuple):
+    """Where one tensor lies in the mapped file and how to read it (GGUF name and type)."""
+
+    name: str
+    tensor_type: Any
+    data_offset: int
+    n_bytes: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 class GGUFTensors:
     """The tensors of a GGUF file under their transformers names, dequantized on demand.
 
-    The file's key-value metadata is parsed by ``GGUFReader`` into one small numpy view per
-    value: for a 49k-token vocabulary that is ~90 MB of Python objects, which nothing here needs
-    after the tensor index is built. They are dropped (``reader.fields``) right away; the tensor
-    data stays memory-mapped.
+    ``GGUFReader`` parses the file's metadata and tensor headers into small numpy views, one per
+    value: for SmolLM2's 49k-token vocabulary and 272 tensors that is ~150 MB of Python objects.
+    Only each tensor's type, offset, size and shape are kept (``TensorRef``); the reader's parsed
+    fields and tensor list are dropped right away, and the data stays memory-mapped.
     """
 
     def __init__(self, path: Path, model: torch.nn.Module, dtype: torch.dtype = torch.float32,
@@ -56,8 +68,11 @@ class GGUFTensors:
         self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(
             config=self.config)
         self.mapping = get_gguf_hf_weights_map(model, self.processor)
-        self.index = {self.mapping[t.name]: t for t in self.reader.tensors
-                      if t.name in self.mapping}
+        self.index = {self.mapping[t.name]: TensorRef(t.name, t.tensor_type, int(t.data_offset),
+                                                      int(t.n_bytes), tuple(t.data.shape),
+                                                      t.data.dtype)
+                      for t in self.reader.tensors if t.name in self.mapping}
+        self.reader.tensors = []
 
     def names(self) -> list[str]:
         return list(self.index)
@@ -66,7 +81,8 @@ class GGUFTensors:
         from gguf import dequantize
 
         tensor = self.index[name]
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        data = self.reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
+        weights = dequantize(data.view(tensor.dtype).reshape(tensor.shape), tensor.tensor_type)
         self._drop_pages(tensor.data_offset, tensor.n_bytes)
         result = self.processor.process(weights=weights, name=tensor.name,
                                         tensor_key_mapping=self.mapping,

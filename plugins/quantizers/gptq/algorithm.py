@@ -171,13 +171,17 @@ def _inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> tuple[torch
     """
     diag_mean = float(torch.diag(h).mean())
     damp = damp_percent
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     # With J the order-reversing permutation and J H J = L L^T, the upper factor of H^-1 is
     # J L^-1 J: one Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
+    # (Damping is added on the diagonal in place: no dense identity while factorising.)
     flipped = torch.flip(h, (0, 1))
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(flipped + damp * diag_mean * eye)
+        damped = flipped.clone()
+        damped.diagonal().add_(damp * diag_mean)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
             upper = torch.flip(torch.linalg.solve_triangular(lower, eye, upper=False), (0, 1))
             if bool(torch.isfinite(upper).all()):
                 return upper, damp
@@ -207,7 +211,7 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float, desc_act: bool) 
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(h.shape[0], device=h.device)
-    hinv, damp_used = _inverse_hessian_factor(h[perm][:, perm], damp_percent)
+    hinv, damp_used = _inverse_hessian_factor(h[perm][:, perm] if desc_act else h, damp_percent)
     return PreparedHessian(h, dead, perm, hinv, damp_used)
 
 

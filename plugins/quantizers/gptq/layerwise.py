@@ -295,7 +295,8 @@ class BlockQuantizer:
         # o_proj's inputs are consumed: their buffer now holds down_proj's
         mlp_inputs = workspace.scratch_batches(sizes, m[MLP_OUTPUT].in_features)
         acc = HessianAccumulator(m[MLP_OUTPUT].in_features, dev)
-        for h2, cache in zip(hidden, mlp_inputs, strict=True):
+        # the MLP's intermediates are the widest activations: run it MLP_CHUNK samples at a time
+        for h2, cache in zip(_chunks(hidden), _chunks(mlp_inputs), strict=True):
             def keep_mlp(x: torch.Tensor, cache: torch.Tensor = cache) -> None:
                 acc.add(x)
                 cache.copy_(x)
@@ -305,6 +306,13 @@ class BlockQuantizer:
         for h, x in zip(hidden, mlp_inputs, strict=True):
             h.add_(m[MLP_OUTPUT](x.to(h.dtype)))  # the block's output, the next block's input
         return self.result
+
+
+MLP_CHUNK = 2  # samples per MLP forward in stage 4: 25 MB of intermediates, not 100 (SmolLM2)
+
+
+def _chunks(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [part for batch in batches for part in batch.split(MLP_CHUNK)]
 
 
 def _working_copy(block: torch.nn.Module, device: torch.device, name: str,
