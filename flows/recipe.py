@@ -227,6 +227,8 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         raise ConfigError(f"quantization method '{q.method}' needs a 'calibration' section")
     allocator = build_plugin(catalog.bit_allocators, q.allocator, q.allocator_options,
                              "quantization.allocator_options", base_dir)
+    if allocator.needs_calibration and calibration is None:
+        raise ConfigError(f"allocator '{q.allocator}' needs a 'calibration' section")
     evaluators = []
     for index, section in enumerate(recipe.evaluation):
         evaluator = build_plugin(catalog.evaluators, section.evaluator, section.options,

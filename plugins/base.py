@@ -283,6 +283,9 @@ class CalibrationSource(Plugin):
 class BitAllocator(Plugin):
     """Turns a model and the recipe's quantization settings into an explicit per-module plan."""
 
+    #: True when ``plan`` measures the model on the calibration set (the recipe must have one)
+    needs_calibration: ClassVar[bool] = False
+
     @abc.abstractmethod
     def plan(
         self,

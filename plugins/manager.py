@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.models.sources",
     "quantmill.plugins.calibration.text",
     "quantmill.plugins.allocation.uniform",
+    "quantmill.plugins.allocation.mixed_precision",
     "quantmill.plugins.quantizers.rtn.plugin",
     "quantmill.plugins.quantizers.gptq.plugin",
     "quantmill.plugins.evaluators.perplexity",
