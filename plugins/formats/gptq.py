@@ -41,6 +41,7 @@ from quantmill.plugins.formats.packing import packed_length
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
+from quantmill.plugins.models.memory import release_free_memory
 from quantmill.plugins.models.quant_linear import GPTQLinear, zero_offset_for
 
 log = logging.getLogger(__name__)
@@ -240,12 +241,46 @@ def checkpoint_tensors(
     Returns the tensors and whether an output embedding tied to the input embedding was itself
     quantized (then the tie is broken in the checkpoint and config.json must say so).
     """
-    state_dict = model.state_dict()  # excludes non-persistent buffers (rotary inv_freq)
+    tensors, quantized_tied = float_tensors(model, set(result.weights))
     modules = dict(model.named_modules())
+    for name, qw in result.weights.items():
+        module = modules.get(name)
+        if module is None:
+            raise QuantmillError(f"quantized module '{name}' does not exist in the model")
+        shape = _linear_shape(module)
+        if shape != (qw.out_features, qw.in_features):
+            raise QuantmillError(
+                f"quantized module '{name}' is {qw.out_features}x{qw.in_features} but the model's "
+                f"module is {'not a linear layer' if shape is None else 'x'.join(map(str, shape))}"
+            )
+        bias = qw.bias
+        if bias is None and isinstance(getattr(module, "bias", None), torch.Tensor):
+            bias = module.bias
+        try:
+            packed = GPTQLinear.from_quantized(replace(qw, bias=bias), checkpoint_format)
+        except ValueError as exc:
+            raise QuantmillError(f"cannot pack module '{name}': {exc}") from exc
+        for suffix, buf in packed.state_dict().items():
+            tensors[f"{name}.{suffix}"] = buf.detach().to("cpu").contiguous()
+    return tensors, quantized_tied
+
+
+def float_tensors(
+    model: torch.nn.Module, quantized: set[str]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every tensor of the model except the ``quantized`` modules' weights and biases, in fp16
+    (non-float tensors as they are), CPU, contiguous, deferred weights fetched: the part of a
+    checkpoint every quantized format shares.
+
+    Returns the tensors and whether an output embedding tied to the input embedding is among
+    ``quantized`` (then the tie is broken in the checkpoint and config.json must say so); an
+    unquantized tied output embedding is left out, as it is the input embedding.
+    """
+    state_dict = model.state_dict()  # excludes non-persistent buffers (rotary inv_freq)
     tied_key = _tied_output_key(model, state_dict)
-    quantized_tied = tied_key is not None and tied_key.removesuffix(".weight") in result.weights
+    quantized_tied = tied_key is not None and tied_key.removesuffix(".weight") in quantized
     skip: set[str] = set()
-    for name in result.weights:
+    for name in quantized:
         skip.update({f"{name}.weight", f"{name}.bias"})
     if tied_key is not None and not quantized_tied:
         skip.add(tied_key)  # written once, as the input embedding
@@ -268,26 +303,6 @@ def checkpoint_tensors(
             t = t.clone()
         seen_storages.add(t.untyped_storage().data_ptr())
         tensors[key] = t
-
-    for name, qw in result.weights.items():
-        module = modules.get(name)
-        if module is None:
-            raise QuantmillError(f"quantized module '{name}' does not exist in the model")
-        shape = _linear_shape(module)
-        if shape != (qw.out_features, qw.in_features):
-            raise QuantmillError(
-                f"quantized module '{name}' is {qw.out_features}x{qw.in_features} but the model's "
-                f"module is {'not a linear layer' if shape is None else 'x'.join(map(str, shape))}"
-            )
-        bias = qw.bias
-        if bias is None and isinstance(getattr(module, "bias", None), torch.Tensor):
-            bias = module.bias
-        try:
-            packed = GPTQLinear.from_quantized(replace(qw, bias=bias), checkpoint_format)
-        except ValueError as exc:
-            raise QuantmillError(f"cannot pack module '{name}': {exc}") from exc
-        for suffix, buf in packed.state_dict().items():
-            tensors[f"{name}.{suffix}"] = buf.detach().to("cpu").contiguous()
     return tensors, quantized_tied
 
 
@@ -342,24 +357,26 @@ def write_gptq_checkpoint(
     fmt = choose_checkpoint_format(result.weights, checkpoint_format)
     _prepare_out_dir(out_dir)
     model = loaded.model
-    tensors, quantized_tied = checkpoint_tensors(model, result, fmt)
-    quant_config = build_quantize_config(result.weights, fmt, result.details, lm_head=False)
-    if quantized_tied:
-        quant_config["lm_head"] = True
-    config = _config_dict(model, quant_config, untie=quantized_tied)
-    generation = _generation_config_dict(model)
-
     mode = out_dir.stat().st_mode & 0o777 if out_dir.exists() else 0o755
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
+        # the tokenizer first: a deferred load builds it only now, and its transient memory is
+        # better spent before the checkpoint's tensors exist than on top of them
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
+        release_free_memory()
+        tensors, quantized_tied = checkpoint_tensors(model, result, fmt)
+        quant_config = build_quantize_config(result.weights, fmt, result.details, lm_head=False)
+        if quantized_tied:
+            quant_config["lm_head"] = True
+        config = _config_dict(model, quant_config, untie=quantized_tied)
+        generation = _generation_config_dict(model)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         del tensors
         _dump_json(quant_config, tmp / QUANTIZE_CONFIG_NAME)
         _dump_json(config, tmp / CONFIG_NAME)
         if generation is not None:
             _dump_json(generation, tmp / GENERATION_CONFIG_NAME)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(str(tmp))
         os.chmod(tmp, mode)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory
