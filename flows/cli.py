@@ -147,6 +147,73 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe file (YAML).")) -> 
                   f"{job.model_source.name} source, {len(job.evaluators)} evaluator(s)")
 
 
+class _BatchProgressSink(RichProgressSink):
+    """Keeps the batch's own bar (the first one started); each point's bars go when done."""
+
+    def __init__(self, progress: Any) -> None:
+        super().__init__(progress)
+        self.keep: object | None = None
+
+    def start(self, description: str, total: int | None) -> object:
+        handle = super().start(description, total)
+        self.keep = handle if self.keep is None else self.keep
+        return handle
+
+    def finish(self, handle: object) -> None:
+        super().finish(handle)
+        if handle != self.keep:
+            self.progress.remove_task(handle)
+
+
+@app.command()
+@user_errors
+def tradeoff(
+    batch: Path = typer.Argument(..., help="Batch file (YAML): a base recipe and its points."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder (default: "
+                                    "./tradeoff-<batch name>)."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run points already registered too."),
+    database_url: str | None = DatabaseOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+) -> None:
+    """Run every point of BATCH, then write a table and a plot of perplexity against size."""
+    from quantmill.flows.batch import load_batch_file, load_batch_text
+    from quantmill.plugins.catalog import Catalog
+    from quantmill.plugins.manager import get_plugin_manager
+    from quantmill.plugins.reporting.pareto import TRADEOFF_COLUMNS, tradeoff_cells
+
+    plan = load_batch_file(batch, Catalog(get_plugin_manager()))  # every point, before any work
+    out = out or Path.cwd() / f"tradeoff-{plan.name}"
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from quantmill.flows.tradeoff import report_rows, run_batch
+    from quantmill.plugins.progress import use_sink
+
+    console.print(f"[bold]quantmill[/] batch [cyan]{plan.name}[/]: {len(plan.points)} points "
+                  f"on {plan.model_path.name}")
+    columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), BarColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress, \
+            use_sink(_BatchProgressSink(progress)):
+        report, paths = run_batch(load_batch_text(batch), batch, out, database_url,
+                                  rerun=rerun, command=f"quantmill tradeoff {batch} --out {out}",
+                                  plan=plan)
+    table = Table(title=f"{plan.name}: perplexity against size")
+    for header, _, align in TRADEOFF_COLUMNS:
+        table.add_column(header, justify="right" if align == "r" else "left")
+    for row in report_rows(report):
+        table.add_row(*tradeoff_cells(row))
+    console.print(table)
+    console.print(f"Pareto front: {', '.join(report['pareto_front']) or '(none)'}")
+    console.print("report: " + ", ".join(str(p) for p in paths.values()))
+    if report["failed"]:
+        err_console.print(f"[bold red]{len(report['failed'])} point(s) failed:[/] "
+                          f"{', '.join(report['failed'])}", highlight=False)
+        raise typer.Exit(1)
+
+
 @artifacts_app.command("list")
 @user_errors
 def artifacts_list(

@@ -32,6 +32,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.evaluators.perplexity",
     "quantmill.plugins.evaluators.size",
     "quantmill.plugins.formats.gptq",
+    "quantmill.plugins.quantizers.dynamic_int8.plugin",
+    "quantmill.plugins.formats.compressed_tensors",
+    "quantmill.plugins.quantizers.clustering.plugin",
+    "quantmill.plugins.formats.lut",
+    "quantmill.plugins.formats.dequantized",
     "quantmill.storage.local",
 )
 

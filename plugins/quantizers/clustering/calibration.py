@@ -1,0 +1,194 @@
+"""Calibration statistics for clustering: what the layers' inputs look like.
+
+Two ways to get them, both streaming over the calibration set batch by batch (no activations are
+kept beyond one batch):
+
+* ``input_second_moments``: one pass of the unmodified model with forward pre-hooks on the
+  planned linears, accumulating mean x_j**2 per input column (the Hessian diagonal up to a
+  factor of 2) in float64. Works for any architecture.
+* ``quantize_blockwise``: decoder block by decoder block, linears grouped in stages by the input
+  they share (q/k/v, then o, then gate/up, then down in a Llama block). Each stage's full
+  Hessian is accumulated from inputs computed with the block's *already quantized* earlier
+  linears, the stage is quantized by a callback, and the block's outputs, computed with its
+  quantized weights, feed the next block. So errors of earlier layers are seen, and partly
+  corrected, by later ones, as in GPTQ. The stages are found by watching one forward pass, so
+  no architecture-specific staging is written here; each block is quantized in a copy, so the
+  caller's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from quantmill.plugins.base import ClusteredWeight
+from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.progress import progress_bar
+from quantmill.plugins.quantizers.gptq.algorithm import HessianAccumulator
+from quantmill.plugins.quantizers.gptq.layerwise import capture_block_inputs, find_decoder_layers
+
+#: callback quantizing the linears of one stage (full names, modules) given their Hessian
+StageQuantizer = Callable[[list[str], list[torch.nn.Linear], torch.Tensor],
+                          dict[str, ClusteredWeight]]
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is skipped."""
+
+
+@torch.inference_mode()
+def input_second_moments(
+    model: torch.nn.Module, names: list[str], input_ids: torch.Tensor, batch_size: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Mean of x_j**2 over all calibration tokens for each input column j of each named linear
+    (float32 [in_features] per name)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str) -> Callable[[torch.nn.Module, tuple], None]:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
+            squares = (x.to(torch.float64) ** 2).sum(dim=0)
+            sums[name] = sums[name] + squares if name in sums else squares
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    def stop(_module: torch.nn.Module, _args: tuple) -> None:
+        raise _Stop
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    # the vocabulary projection is the costliest step (and its logits the biggest tensor):
+    # skip it unless it is itself to be quantized
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if isinstance(head, torch.nn.Module) and all(modules[n] is not head for n in names):
+        handles.append(head.register_forward_pre_hook(stop))
+    try:
+        with progress_bar("calibrate (clustering)", total=input_ids.shape[0]) as advance:
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start : start + batch_size].to(device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                advance(batch.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise QuantmillError(f"clustering: no calibration input reached {', '.join(missing[:3])}")
+    return {name: (sums[name] / counts[name]).to(torch.float32) for name in names}
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _stages(block: torch.nn.Module, planned: dict[str, torch.nn.Linear], h: torch.Tensor,
+            kw: dict[str, Any], where: str) -> list[list[str]]:
+    """The planned linears in call order, grouped into runs that read the same input tensor."""
+    calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
+
+    def hook_for(local: str) -> Callable[[torch.nn.Module, tuple], None]:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            if all(local != seen for seen, _ in calls):
+                calls.append((local, (args[0].data_ptr(), tuple(args[0].shape))))
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(local))
+               for local, module in planned.items()]
+    try:
+        block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    silent = sorted(set(planned) - {local for local, _ in calls})
+    if silent:
+        raise QuantmillError(f"clustering: {where}.{silent[0]} is never called by its block's "
+                             "forward, so no Hessian can be measured for it")
+    stages: list[list[str]] = []
+    previous = None
+    for local, key in calls:
+        if stages and key == previous:
+            stages[-1].append(local)
+        else:
+            stages.append([local])
+        previous = key
+    return stages
+
+
+def _stage_hessian(block: torch.nn.Module, first: torch.nn.Module, hidden: list[torch.Tensor],
+                   kwargs: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
+    """Run the block on every batch until ``first`` is called; accumulate its input's Hessian."""
+    acc = HessianAccumulator(first.in_features, device)
+
+    def grab(_module: torch.nn.Module, args: tuple) -> None:
+        acc.add(args[0])
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab)
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            try:
+                block(h.to(device), **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return acc.hessian()
+
+
+@torch.inference_mode()
+def quantize_blockwise(
+    model: torch.nn.Module, names: list[str], input_ids: torch.Tensor, batch_size: int,
+    device: torch.device, quantize_stage: StageQuantizer,
+) -> dict[str, ClusteredWeight]:
+    """Quantize the named linears block by block with ``quantize_stage`` (see module doc)."""
+    if not names:
+        return {}
+    try:
+        prefix, layers = find_decoder_layers(model)
+    except QuantmillError:
+        raise QuantmillError("clustering with compensate: could not find the model's decoder "
+                             "blocks (set compensate: false)") from None
+    per_block: list[list[str]] = [[] for _ in layers]
+    for name in names:
+        head, _, rest = name.partition(f"{prefix}.")
+        index, _, local = rest.partition(".")
+        if head or not index.isdigit() or not local or int(index) >= len(layers):
+            raise QuantmillError(
+                f"clustering with compensate quantizes linears inside decoder blocks; '{name}' "
+                "is not one (skip it, or set compensate: false)")
+        per_block[int(index)].append(local)
+    hidden, kwargs = capture_block_inputs(model, layers[0], input_ids, batch_size, device)
+    kwargs = [{k: v for k, v in kw.items()
+               if k not in ("use_cache", "past_key_values", "past_key_value")} for kw in kwargs]
+    result: dict[str, ClusteredWeight] = {}
+    with progress_bar("quantize (clustering)", total=len(layers)) as advance:
+        for i, block in enumerate(layers):
+            where = f"{prefix}.{i}"
+            work = copy.deepcopy(block).to(device)
+            planned = {local: work.get_submodule(local) for local in per_block[i]}
+            if planned:
+                for stage in _stages(work, planned, hidden[0].to(device), kwargs[0], where):
+                    hessian = _stage_hessian(work, planned[stage[0]], hidden, kwargs, device)
+                    full = [f"{where}.{local}" for local in stage]
+                    done = quantize_stage(full, [planned[local] for local in stage], hessian)
+                    for local, name in zip(stage, full, strict=True):
+                        linear = planned[local]
+                        # later stages and blocks run with the weights the checkpoint will hold
+                        linear.weight.data = done[name].dequantize().to(linear.weight.device,
+                                                                        linear.weight.dtype)
+                        result[name] = done[name]
+            for h, kw in zip(hidden, kwargs, strict=True):
+                # in place: the same buffers serve every block, so memory stays flat
+                h.copy_(_block_output(work(h, **kw)))
+            del work
+            advance(1)
+    return result
