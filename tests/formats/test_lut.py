@@ -147,7 +147,7 @@ def test_mixed_bit_round_trip_is_exact(tmp_path: Path, rows_per_codebook: int) -
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = with_weights(tiny_llama(attention_bias=True), result)
     reference.model.embed_tokens.weight.data = reference.model.embed_tokens.weight.half().float()
-    for name, param in reference.named_parameters():  # the checkpoint stores floats in fp16
+    for param in reference.parameters():  # the checkpoint stores floats in fp16
         param.data = param.data.half().float()
     torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits,
                                rtol=1e-4, atol=1e-4)
