@@ -170,13 +170,19 @@ def quantize_blockwise(
     kwargs = [{k: v for k, v in kw.items()
                if k not in ("use_cache", "past_key_values", "past_key_value")} for kw in kwargs]
     result: dict[str, ClusteredWeight] = {}
+    # blocks of one class with the same planned linears run them in the same order: the
+    # stages are watched once per such kind of block, not once per block
+    known: dict[tuple[type, tuple[str, ...]], list[list[str]]] = {}
     with progress_bar("quantize (clustering)", total=len(layers)) as advance:
         for i, block in enumerate(layers):
             where = f"{prefix}.{i}"
             work = copy.deepcopy(block).to(device)
             planned = {local: work.get_submodule(local) for local in per_block[i]}
             if planned:
-                for stage in _stages(work, planned, hidden[0].to(device), kwargs[0], where):
+                kind = (type(block), tuple(sorted(planned)))
+                if kind not in known:
+                    known[kind] = _stages(work, planned, hidden[0].to(device), kwargs[0], where)
+                for stage in known[kind]:
                     hessian = _stage_hessian(work, planned[stage[0]], hidden, kwargs, device)
                     full = [f"{where}.{local}" for local in stage]
                     done = quantize_stage(full, [planned[local] for local in stage], hessian)

@@ -25,6 +25,12 @@ ignored; the sharing of codebooks between rows is ``rows_per_codebook``.
 Cost per weight (what the size evaluator reports): bits + rows/rows_per_codebook * 2**bits * 16
 / (rows * in) for the codebooks: 3.19 bits at 3 bits on SmolLM2-135M, about what GPTQ w3g128
 spends on its scales, zeros and g_idx.
+
+Measured on SmolLM2-135M (64 x 512 calibration tokens, 40 x 512 WikiText-2 test tokens, 2 CPU
+cores): 3 bits reaches perplexity 35.3 with ``compensate`` (205 s; GPTQ w3g128 with its
+recommended settings: 34.1 in 114 s) and 48.2 without it (74 s; RTN w3g128: 114.9). Most of the
+compensated time is the block-by-block forward passes, which run up to each stage's first linear
+(about 2.5 block forwards per block, where GPTQ's Llama-specific staging needs one).
 """
 
 from __future__ import annotations
