@@ -360,5 +360,9 @@ def registry_upgrade(database_url: str | None = DatabaseOption) -> None:
     console.print(f"registry schema at {migrate.current_revision(url)}")
 
 
+# The registry's auditing and API commands live in their own modules; importing them registers
+# them on ``registry_app``.
+from quantmill.flows import cli_api, cli_registry  # noqa: E402,F401  (registration side effect)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -7,8 +7,17 @@ datetimes, PostgreSQL aware ones in the session's time zone): entities always ca
 
 from datetime import UTC, datetime
 
-from quantmill.registry.entities import Artifact, MetricRecord, Run, RunEdge
-from quantmill.registry.models import ArtifactRow, MetricRow, RunEdgeRow, RunRow
+from sqlalchemy import Select, select
+
+from quantmill.registry.entities import Artifact, Correction, MetricRecord, Run, RunEdge
+from quantmill.registry.models import (
+    ArtifactRow,
+    CorrectionRow,
+    MetricRow,
+    RunCompletionRow,
+    RunEdgeRow,
+    RunRow,
+)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -32,24 +41,26 @@ def artifact_entity(row: ArtifactRow) -> Artifact:
     )
 
 
-def run_entity(row: RunRow) -> Run:
+def run_entity(row: RunRow, completion: RunCompletionRow | None) -> Run:
+    """A run as its start record plus, once it ended, its completion (status, end, error, and
+    the details known only at the end, merged over the start's)."""
     return Run(
         id=row.id,
         job_id=row.job_id,
         kind=row.kind,
         name=row.name,
-        status=row.status,
+        status=completion.status if completion is not None else "running",
         recipe=dict(row.recipe or {}),
         recipe_sha256=row.recipe_sha256,
         plugins=dict(row.plugins or {}),
         versions=dict(row.versions or {}),
-        details=dict(row.details or {}),
+        details={**(row.details or {}), **((completion.details or {}) if completion else {})},
         flow_run_id=row.flow_run_id,
         host=row.host,
         started_by=row.started_by,
         started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at) if row.finished_at is not None else None,
-        error=row.error,
+        finished_at=as_utc(completion.finished_at) if completion is not None else None,
+        error=completion.error if completion is not None else None,
     )
 
 
@@ -72,4 +83,24 @@ def metric_entity(row: MetricRow) -> MetricRecord:
         protocol=dict(row.protocol or {}),
         protocol_sha256=row.protocol_sha256,
         created_at=as_utc(row.created_at),
+        supersedes_id=row.supersedes_id,
+    )
+
+
+def correction_entity(row: CorrectionRow) -> Correction:
+    return Correction(
+        id=row.id,
+        target_type=row.target_type,
+        target_id=row.target_id,
+        changes=dict(row.changes or {}),
+        reason=row.reason,
+        author=row.author,
+        created_at=as_utc(row.created_at),
+    )
+
+
+def runs_query() -> Select[tuple[RunRow, RunCompletionRow | None]]:
+    """Runs with their completion (``None`` while running): feed rows to ``run_entity``."""
+    return select(RunRow, RunCompletionRow).outerjoin(
+        RunCompletionRow, RunCompletionRow.run_id == RunRow.id
     )

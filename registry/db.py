@@ -89,6 +89,10 @@ def _sqlite_pragmas(foreign_keys: bool) -> Any:
     """
 
     def on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        # The driver's own transaction handling starts transactions lazily, at the first write,
+        # after the reads: two writers then deadlock on the lock upgrade. quantmill emits BEGIN
+        # itself (``_sqlite_begin``).
+        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
@@ -97,6 +101,18 @@ def _sqlite_pragmas(foreign_keys: bool) -> Any:
             cursor.close()
 
     return on_connect
+
+
+#: Execution option marking a connection whose transaction will write (SQLite: BEGIN IMMEDIATE).
+WRITE_OPTION = "quantmill_write"
+
+
+def _sqlite_begin(connection: Any) -> None:
+    """Start SQLite transactions explicitly: ``BEGIN IMMEDIATE`` for writers, so a writer holds
+    the database's write lock from its first statement (its reads, such as the ledger's tail,
+    stay valid until it commits), and a plain deferred ``BEGIN`` for readers."""
+    write = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def create_registry_engine(
@@ -124,6 +140,7 @@ def create_registry_engine(
     engine = create_engine(resolved, **kwargs)
     if is_sqlite(resolved):
         event.listen(engine, "connect", _sqlite_pragmas(sqlite_foreign_keys))
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 

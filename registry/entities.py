@@ -99,6 +99,23 @@ class MetricRecord(_JsonMixin):
     protocol: dict[str, Any]
     protocol_sha256: str
     created_at: datetime
+    supersedes_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Correction(_JsonMixin):
+    """A later statement that a recorded fact of ``target_type`` #``target_id`` was wrong.
+
+    The corrected record is never changed: readers see it and its corrections side by side.
+    """
+
+    id: int
+    target_type: str
+    target_id: int
+    changes: dict[str, Any]
+    reason: str
+    author: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

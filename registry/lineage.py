@@ -10,7 +10,13 @@ from typing import Literal
 from sqlalchemy import Integer, cast, func, literal, select
 from sqlalchemy.orm import Session, aliased
 
-from quantmill.registry.convert import artifact_entity, edge_entity, metric_entity, run_entity
+from quantmill.registry.convert import (
+    artifact_entity,
+    edge_entity,
+    metric_entity,
+    run_entity,
+    runs_query,
+)
 from quantmill.registry.entities import LineageGraph
 from quantmill.registry.errors import ArtifactNotFound
 from quantmill.registry.models import ArtifactRow, MetricRow, RunEdgeRow, RunRow
@@ -80,7 +86,7 @@ def lineage(
     artifacts = session.scalars(
         select(ArtifactRow).where(ArtifactRow.id.in_(node_ids)).order_by(ArtifactRow.id)
     )
-    runs = session.scalars(select(RunRow).where(RunRow.id.in_(run_ids)).order_by(RunRow.id))
+    runs = session.execute(runs_query().where(RunRow.id.in_(run_ids)).order_by(RunRow.id))
     edge_rows = session.scalars(
         select(RunEdgeRow).where(
             RunEdgeRow.run_id.in_(run_ids), RunEdgeRow.artifact_id.in_(node_ids)
@@ -100,7 +106,7 @@ def lineage(
         max_depth=max_depth,
         artifacts={row.id: artifact_entity(row) for row in artifacts},
         depths=dict(sorted(depths.items())),
-        runs={row.id: run_entity(row) for row in runs},
+        runs={row.id: run_entity(row, done) for row, done in runs},
         edges=tuple(edges),
         metrics=tuple(metric_entity(row) for row in metrics),
     )

@@ -40,7 +40,12 @@ NAMING_CONVENTION = {
 }
 
 RUN_STATUSES = ("running", "succeeded", "failed")
+#: A completion closes a run: the statuses a ``run_completions`` row may carry.
+FINAL_STATUSES = ("succeeded", "failed")
 EDGE_DIRECTIONS = ("input", "output")
+TOKEN_ROLES = ("auditor", "writer")
+#: What a correction may point at.
+CORRECTION_TARGETS = ("artifact", "run", "metric")
 
 
 def utcnow() -> datetime:
@@ -78,16 +83,17 @@ class ArtifactRow(Base):
 
 
 class RunRow(Base):
-    """One execution (calibration, quantization, evaluation, ...) belonging to a job."""
+    """The start of one execution (calibration, quantization, evaluation, ...) of a job.
+
+    Written once and never updated: how the run ended is a ``RunCompletionRow`` appended later.
+    """
 
     __tablename__ = "runs"
-    __table_args__ = (CheckConstraint(_in_list("status", RUN_STATUSES), name="status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16))
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
     recipe_sha256: Mapped[str] = mapped_column(String(64), index=True)
     plugins: Mapped[dict[str, str]] = mapped_column(JSON)
@@ -97,8 +103,24 @@ class RunRow(Base):
     host: Mapped[str] = mapped_column(String(255))
     started_by: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunCompletionRow(Base):
+    """How a run ended: at most one per run (the unique key makes a second finish fail, even
+    when two workers race), with the details known only at the end."""
+
+    __tablename__ = "run_completions"
+    __table_args__ = (
+        UniqueConstraint("run_id"),
+        CheckConstraint(_in_list("status", FINAL_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RunEdgeRow(Base):
@@ -138,4 +160,98 @@ class MetricRow(Base):
     unit: Mapped[str | None] = mapped_column(String(32))
     protocol: Mapped[dict[str, Any]] = mapped_column(JSON)
     protocol_sha256: Mapped[str] = mapped_column(String(64))
+    #: A corrected measurement points at the one it replaces; queries use the newest only.
+    supersedes_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey("metrics.id"), unique=True
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CorrectionRow(Base):
+    """A correction of an artifact's, run's or metric's recorded facts: the old record stays as
+    it was, and this one says what should be read instead, why, and who said so."""
+
+    __tablename__ = "corrections"
+    __table_args__ = (
+        CheckConstraint(_in_list("target_type", CORRECTION_TARGETS), name="target_type"),
+        Index("ix_corrections_target", "target_type", "target_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_type: Mapped[str] = mapped_column(String(16))
+    target_id: Mapped[int] = mapped_column(Integer)
+    changes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiTokenRow(Base):
+    """A bearer token of the HTTP API: only its sha256 is stored, never the token itself."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        UniqueConstraint("token_sha256"),
+        CheckConstraint(_in_list("role", TOKEN_ROLES), name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiTokenRevocationRow(Base):
+    """The revocation of a token (appended; the token row itself never changes)."""
+
+    __tablename__ = "api_token_revocations"
+    __table_args__ = (UniqueConstraint("token_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_id: Mapped[int] = mapped_column(Integer, ForeignKey("api_tokens.id"))
+    revoked_by: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LedgerRow(Base):
+    """One link of the tamper-evident chain: a copy of one record's content, its hash, and the
+    hash of the previous link, so editing or deleting any record (or link) breaks the chain.
+
+    ``seq`` is assigned by the writer (previous + 1, never by the database) and is the primary
+    key, so two writers that raced for the same position cannot both commit: the chain cannot fork.
+    """
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        UniqueConstraint("entry_hash"),
+        Index("ix_ledger_record", "record_type", "record_id"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    record_type: Mapped[str] = mapped_column(String(32))
+    record_id: Mapped[int] = mapped_column(Integer)
+    #: The record's canonical JSON, exactly as hashed (lets ``verify`` name changed fields).
+    payload: Mapped[str] = mapped_column(Text)
+    record_sha256: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+#: The tables whose rows are chained and protected from UPDATE and DELETE, by record type.
+CHAINED_TABLES: dict[str, type[Base]] = {
+    "artifacts": ArtifactRow,
+    "runs": RunRow,
+    "run_edges": RunEdgeRow,
+    "run_completions": RunCompletionRow,
+    "metrics": MetricRow,
+    "corrections": CorrectionRow,
+    "api_tokens": ApiTokenRow,
+    "api_token_revocations": ApiTokenRevocationRow,
+}
+#: Append-only at the database level too: these refuse UPDATE and DELETE (triggers).
+APPEND_ONLY_TABLES = (*CHAINED_TABLES, "ledger")

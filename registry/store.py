@@ -13,20 +13,24 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
-from sqlalchemy import Engine, inspect, make_url, select
+from sqlalchemy import Engine, exists, inspect, make_url, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from quantmill.registry import lineage, migrate
+from quantmill.registry.chain import ChainWriter, tail
 from quantmill.registry.convert import (
     artifact_entity,
+    correction_entity,
     edge_entity,
     metric_entity,
     run_entity,
+    runs_query,
 )
 from quantmill.registry.db import (
+    WRITE_OPTION,
     create_registry_engine,
     create_session_factory,
     is_sqlite_memory,
@@ -35,6 +39,7 @@ from quantmill.registry.db import (
 )
 from quantmill.registry.entities import (
     Artifact,
+    Correction,
     LineageGraph,
     MetricRecord,
     NewArtifact,
@@ -55,13 +60,17 @@ from quantmill.registry.errors import (
 )
 from quantmill.registry.hashing import json_sha256
 from quantmill.registry.models import (
+    CORRECTION_TARGETS,
     ArtifactRow,
     Base,
+    CorrectionRow,
     MetricRow,
+    RunCompletionRow,
     RunEdgeRow,
     RunRow,
     utcnow,
 )
+from quantmill.registry.verify import Rehash, VerifyReport, verify
 
 #: The shortest sha256 prefix accepted as an artifact reference (shorter ones collide too often).
 MIN_PREFIX = 6
@@ -77,6 +86,12 @@ def upgrade_command(url: str) -> str:
     if make_url(url).password:
         command += " (with the real password in place of ***)"
     return command
+
+
+def metric_superseded() -> Any:
+    """SQL condition: a later correction replaced this ``MetricRow`` (read the newer one)."""
+    later = aliased(MetricRow, name="later_metric")
+    return exists(select(later.id).where(later.supersedes_id == MetricRow.id))
 
 
 def _current_user() -> str:
@@ -187,6 +202,17 @@ class Registry:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def _write(self) -> Iterator[tuple[Session, ChainWriter]]:
+        """A writing transaction and the chain writer for the records it appends.
+
+        The writer takes the chain's lock first (see ``quantmill.registry.chain``): writes are
+        serialised, which is what keeps one unforked chain with many concurrent workers.
+        """
+        with self._sessions.begin() as session:
+            session.connection(execution_options={WRITE_OPTION: True})
+            yield session, ChainWriter(session)
+
     # --- artifacts -----------------------------------------------------------------------------
 
     def upsert_artifact(
@@ -214,10 +240,10 @@ class Registry:
             role="",
             metadata=metadata or {},
         )
-        with self._transaction() as session:
-            return artifact_entity(self._upsert(session, new))
+        with self._write() as (session, chain):
+            return artifact_entity(self._upsert(session, chain, new))
 
-    def _upsert(self, session: Session, new: NewArtifact) -> ArtifactRow:
+    def _upsert(self, session: Session, chain: ChainWriter, new: NewArtifact) -> ArtifactRow:
         """Insert unless the sha256 exists, then read the row back.
 
         Race-safe without savepoints: ``INSERT ... ON CONFLICT (sha256) DO NOTHING`` lets two
@@ -245,8 +271,14 @@ class Registry:
         else:
             raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
         # A Core insert on the table: the JSON column goes by its column name, "metadata".
-        session.execute(statement.values(**values))
+        # RETURNING gives the new id, or nothing when the content was already there (rowcount
+        # is not reliable for ON CONFLICT across drivers).
+        inserted = session.execute(
+            statement.values(**values).returning(ArtifactRow.__table__.c.id)
+        ).scalar_one_or_none()
         row = session.scalars(select(ArtifactRow).where(ArtifactRow.sha256 == new.sha256)).one()
+        if inserted is not None:
+            chain.append("artifacts", row.id)
         if row.size_bytes != new.size_bytes:
             raise ArtifactConflict(
                 f"sha256 {new.sha256} is registered with {row.size_bytes} bytes, "
@@ -314,12 +346,11 @@ class Registry:
         inputs: Sequence[tuple[int, str]] = (),
     ) -> Run:
         """Record a run as ``running``, with its ``(artifact_id, role)`` input edges."""
-        with self._transaction() as session:
+        with self._write() as (session, chain):
             row = RunRow(
                 job_id=job_id,
                 kind=kind,
                 name=name,
-                status="running",
                 recipe=dict(recipe),
                 recipe_sha256=json_sha256(recipe),
                 plugins=dict(plugins),
@@ -332,13 +363,16 @@ class Registry:
             )
             session.add(row)
             session.flush()
+            chain.append("runs", row.id)
             for artifact_id, role in dict.fromkeys(inputs):
                 self._artifact_row(session, artifact_id)
-                session.add(
-                    RunEdgeRow(run_id=row.id, artifact_id=artifact_id, direction="input", role=role)
+                edge = RunEdgeRow(
+                    run_id=row.id, artifact_id=artifact_id, direction="input", role=role
                 )
-            session.flush()
-            return run_entity(row)
+                session.add(edge)
+                session.flush()
+                chain.append("run_edges", edge.id)
+            return run_entity(row, None)
 
     def finish_run(
         self,
@@ -355,12 +389,12 @@ class Registry:
         ``details`` keys are merged into the run's details. On any error nothing of this call
         is stored and the run stays ``running``: call ``fail_run`` then.
         """
-        with self._transaction() as session:
+        with self._write() as (session, chain):
             run = self._running_run(session, run_id)
             edges: dict[tuple[int, str], None] = {}
             for output in outputs:
                 if isinstance(output, NewArtifact):
-                    artifact = self._upsert(session, output)
+                    artifact = self._upsert(session, chain, output)
                     edges[(artifact.id, output.role)] = None
                 else:
                     artifact_id, role = output
@@ -370,14 +404,32 @@ class Registry:
                     run_id=run.id, artifact_id=artifact_id, direction="output", role=role
                 )
                 session.add(edge)
+                session.flush()
+                chain.append("run_edges", edge.id)
             for metric in metrics:
-                session.add(self._metric_row(session, run.id, metric))
-            if details:
-                run.details = {**run.details, **details}
-            run.status = "succeeded"
-            run.finished_at = utcnow()
-            session.flush()
-            return run_entity(run)
+                metric_row = self._metric_row(session, run.id, metric)
+                session.add(metric_row)
+                session.flush()
+                chain.append("metrics", metric_row.id)
+            completion = self._complete(session, chain, run, "succeeded", details or {}, None)
+            return run_entity(run, completion)
+
+    @staticmethod
+    def _complete(
+        session: Session,
+        chain: ChainWriter,
+        run: RunRow,
+        status: str,
+        details: dict[str, Any],
+        error: str | None,
+    ) -> RunCompletionRow:
+        completion = RunCompletionRow(
+            run_id=run.id, status=status, details=dict(details), error=error, finished_at=utcnow()
+        )
+        session.add(completion)
+        session.flush()
+        chain.append("run_completions", completion.id)
+        return completion
 
     def _metric_row(self, session: Session, run_id: int, metric: NewMetric) -> MetricRow:
         """A metric row with its artifact references resolved (unknown ones raise)."""
@@ -412,30 +464,31 @@ class Registry:
 
     def fail_run(self, run_id: int, error: str) -> Run:
         """Mark a running run ``failed`` with the error text."""
-        with self._transaction() as session:
+        with self._write() as (session, chain):
             run = self._running_run(session, run_id)
-            run.status = "failed"
-            run.error = error
-            run.finished_at = utcnow()
-            session.flush()
-            return run_entity(run)
+            completion = self._complete(session, chain, run, "failed", {}, error)
+            return run_entity(run, completion)
 
     def _running_run(self, session: Session, run_id: int) -> RunRow:
-        """The run, locked against a concurrent finish (PostgreSQL), if it is still running."""
-        run = session.get(RunRow, run_id, with_for_update=True)
+        """The run, if it has not ended yet. Callers hold the chain lock (``_write``), so no
+        other writer can complete it before this transaction commits."""
+        run = session.get(RunRow, run_id)
         if run is None:
             raise RunNotFound(f"no run with id {run_id}")
-        if run.status != "running":
-            raise RunStateError(f"run {run_id} is already {run.status}, not running")
+        done = session.scalars(
+            select(RunCompletionRow.status).where(RunCompletionRow.run_id == run_id)
+        ).first()
+        if done is not None:
+            raise RunStateError(f"run {run_id} is already {done}, not running")
         return run
 
     def get_run(self, run_id: int) -> Run:
         """The run with this id."""
         with self._transaction() as session:
-            run = session.get(RunRow, run_id)
-            if run is None:
+            found = session.execute(runs_query().where(RunRow.id == run_id)).first()
+            if found is None:
                 raise RunNotFound(f"no run with id {run_id}")
-            return run_entity(run)
+            return run_entity(*found)
 
     def list_runs(
         self,
@@ -447,16 +500,19 @@ class Registry:
         offset: int = 0,
     ) -> list[Run]:
         """Runs, newest first, optionally filtered by job, kind and status."""
-        query = select(RunRow)
+        query = runs_query()
         if job_id is not None:
             query = query.where(RunRow.job_id == job_id)
         if kind is not None:
             query = query.where(RunRow.kind == kind)
-        if status is not None:
-            query = query.where(RunRow.status == status)
+        if status == "running":
+            query = query.where(RunCompletionRow.id.is_(None))
+        elif status is not None:
+            query = query.where(RunCompletionRow.status == status)
         query = query.order_by(RunRow.started_at.desc(), RunRow.id.desc())
         with self._transaction() as session:
-            return [run_entity(row) for row in session.scalars(query.limit(limit).offset(offset))]
+            rows = session.execute(query.limit(limit).offset(offset))
+            return [run_entity(row, done) for row, done in rows]
 
     def run_edges(self, run_id: int) -> list[RunEdge]:
         """The run's input and output edges (inputs first)."""
@@ -496,6 +552,7 @@ class Registry:
             MetricRow.artifact_id == artifact_id,
             MetricRow.evaluator == evaluator,
             MetricRow.protocol_sha256 == json_sha256(protocol),
+            ~metric_superseded(),
         )
         if dataset_artifact_id is None:
             query = query.where(MetricRow.dataset_artifact_id.is_(None))
@@ -515,3 +572,119 @@ class Registry:
         """What was made from the artifact, up to ``max_depth`` runs forward."""
         with self._transaction() as session:
             return lineage.downstream(session, artifact_id, max_depth)
+
+    # --- corrections ---------------------------------------------------------------------------
+
+    def correct(
+        self,
+        target_type: str,
+        target_id: int,
+        changes: dict[str, Any],
+        reason: str,
+        author: str | None = None,
+    ) -> Correction:
+        """Record that facts of an artifact, run or metric were wrong; the record stays as it was.
+
+        ``changes`` maps field names to the values that should be read instead.
+        """
+        if target_type not in CORRECTION_TARGETS:
+            raise RegistryError(
+                f"cannot correct a {target_type!r}: corrections apply to "
+                f"{', '.join(CORRECTION_TARGETS)}"
+            )
+        if not changes:
+            raise RegistryError("a correction needs at least one changed field")
+        if not reason.strip():
+            raise RegistryError("a correction needs a reason")
+        with self._write() as (session, chain):
+            self._check_target(session, target_type, target_id)
+            row = CorrectionRow(
+                target_type=target_type,
+                target_id=target_id,
+                changes=dict(changes),
+                reason=reason,
+                author=author or _current_user(),
+                created_at=utcnow(),
+            )
+            session.add(row)
+            session.flush()
+            chain.append("corrections", row.id)
+            return correction_entity(row)
+
+    def correct_metric(
+        self, metric_id: int, value: float, reason: str, author: str | None = None
+    ) -> MetricRecord:
+        """Replace a measurement: a new metric row that supersedes the old one (searches and
+        reuse read the newest), plus a correction record saying why."""
+        if not reason.strip():
+            raise RegistryError("a correction needs a reason")
+        with self._write() as (session, chain):
+            old = session.get(MetricRow, metric_id)
+            if old is None:
+                raise RegistryError(f"no metric with id {metric_id}")
+            later = select(MetricRow.id).where(MetricRow.supersedes_id == old.id)
+            if session.scalars(later).first() is not None:
+                raise RegistryError(
+                    f"metric {metric_id} was already corrected; correct the newest one instead"
+                )
+            checked = NewMetric(evaluator=old.evaluator, name=old.name, value=value,
+                                artifact_id=old.artifact_id)
+            new = MetricRow(
+                run_id=old.run_id,
+                artifact_id=old.artifact_id,
+                evaluator=old.evaluator,
+                dataset_artifact_id=old.dataset_artifact_id,
+                name=old.name,
+                value=checked.value,
+                unit=old.unit,
+                protocol=dict(old.protocol),
+                protocol_sha256=old.protocol_sha256,
+                supersedes_id=old.id,
+                created_at=utcnow(),
+            )
+            session.add(new)
+            session.flush()
+            chain.append("metrics", new.id)
+            note = CorrectionRow(
+                target_type="metric",
+                target_id=old.id,
+                changes={"value": checked.value, "superseded_by": new.id},
+                reason=reason,
+                author=author or _current_user(),
+                created_at=utcnow(),
+            )
+            session.add(note)
+            session.flush()
+            chain.append("corrections", note.id)
+            return metric_entity(new)
+
+    def corrections_for(self, target_type: str, target_id: int) -> list[Correction]:
+        """Every correction of the record, oldest first."""
+        query = (
+            select(CorrectionRow)
+            .where(CorrectionRow.target_type == target_type, CorrectionRow.target_id == target_id)
+            .order_by(CorrectionRow.id)
+        )
+        with self._transaction() as session:
+            return [correction_entity(row) for row in session.scalars(query)]
+
+    def _check_target(self, session: Session, target_type: str, target_id: int) -> None:
+        model = {"artifact": ArtifactRow, "run": RunRow, "metric": MetricRow}[target_type]
+        if session.get(model, target_id) is None:
+            raise RegistryError(f"no {target_type} with id {target_id}")
+
+    # --- tamper evidence -----------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        """``(number of links, head hash)`` of the ledger: write it down to anchor a later
+        ``verify``."""
+        with self._transaction() as session:
+            return tail(session)
+
+    def verify(
+        self, rehash: Rehash | None = None, expected_head: str | None = None
+    ) -> VerifyReport:
+        """Recompute the chain, compare every record with its chained copy and, given
+        ``rehash``, every artifact's stored content with its registered hash."""
+        with self._transaction() as session:
+            return verify(session, rehash, expected_head)

@@ -60,7 +60,7 @@ def test_scripts_are_found_and_have_one_head() -> None:
     location = Path(migrate_module.script_location())
     assert (location / "env.py").is_file()
     assert (location / "script.py.mako").is_file()
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"
 
 
 def test_migration_scripts_do_not_import_live_models() -> None:
@@ -123,20 +123,23 @@ def test_open_after_downgrade_to_base_recreates_the_schema(db_url: str) -> None:
 
 @pytest.fixture
 def scripts_with_a_newer_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A copy of the shipped migrations plus a revision 0002, as a newer quantmill would ship."""
+    """A copy of the shipped migrations plus a revision 9000 on top of the shipped head, as a
+    newer quantmill would ship."""
+    shipped_head = head_revision()
     source = Path(migrate_module.script_location())
     target = tmp_path / "migrations"
     (target / "versions").mkdir(parents=True)
     shutil.copy(source / "env.py", target / "env.py")
     shutil.copy(source / "script.py.mako", target / "script.py.mako")
-    shutil.copy(source / "versions" / "0001_initial.py", target / "versions" / "0001_initial.py")
-    (target / "versions" / "0002_extra.py").write_text(
-        '''"""Test-only revision: one more table."""
+    for script in (source / "versions").glob("[0-9]*.py"):
+        shutil.copy(script, target / "versions" / script.name)
+    (target / "versions" / "9000_extra.py").write_text(
+        f'''"""Test-only revision: one more table."""
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9000"
+down_revision = "{shipped_head}"
 branch_labels = None
 depends_on = None
 
@@ -156,8 +159,8 @@ def downgrade() -> None:
 def test_open_refuses_an_outdated_schema_and_upgrade_fixes_it(
     db_url: str, backend: str, scripts_with_a_newer_head: str
 ) -> None:
-    assert head_revision() == "0002"
-    upgrade(db_url, "0001")
+    assert head_revision() == "9000"
+    upgrade(db_url, "0002")
     # Show that the message hides a password (trust auth on the test server ignores it).
     shown_url = db_url
     if backend == "postgresql":
@@ -167,11 +170,11 @@ def test_open_refuses_an_outdated_schema_and_upgrade_fixes_it(
         Registry.open(shown_url)
     message = str(caught.value)
     assert "quantmill registry upgrade --database-url" in message
-    assert "'0001'" in message and "'0002'" in message
+    assert "'0002'" in message and "'9000'" in message
     assert "s3cret" not in message
     if backend == "postgresql":
         assert "***" in message
-    assert current_revision(db_url) == "0001", "open must not migrate an existing schema"
+    assert current_revision(db_url) == "0002", "open must not migrate an existing schema"
 
     upgrade(db_url)
     assert "qm_extra" in _tables(db_url)
