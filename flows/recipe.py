@@ -242,6 +242,12 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
             f"export format '{recipe.export.format}' cannot write the {quantizer.weight_kind} "
             f"weights that method '{q.method}' produces (it writes: "
             f"{', '.join(sorted(exporter.accepts_weight_kinds))})")
+    default = quantizer.default_spec()
+    for spec in allocator.possible_specs(default) if default is not None else []:
+        reason = exporter.refuse_spec(spec)
+        if reason is not None:
+            raise ConfigError(f"export format '{recipe.export.format}' cannot write what method "
+                              f"'{q.method}' produces: {reason}")
     storage = build_plugin(catalog.storage_backends, recipe.storage.backend,
                            recipe.storage.options, "storage", base_dir)
     plugins = [source, calibration, quantizer, allocator, *evaluators, exporter, storage]

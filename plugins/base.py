@@ -308,6 +308,11 @@ class BitAllocator(Plugin):
     ) -> QuantPlan:
         """Choose a spec for each of ``quantizable``; ``default`` is the quantizer's own."""
 
+    def possible_specs(self, default: ModuleQuantSpec) -> list[ModuleQuantSpec]:
+        """Every spec ``plan`` may choose, known before any work: the recipe is checked against
+        the exporter with these (a plan the exporter cannot write is refused up front)."""
+        return [default]
+
 
 class Quantizer(Plugin):
     """Quantizes the linear modules a plan names; never mutates the model it is given."""
@@ -366,6 +371,11 @@ class Exporter(Plugin):
     def export(
         self, loaded: LoadedModel, result: QuantizationResult, out_dir: Path
     ) -> dict[str, Any]: ...
+
+    def refuse_spec(self, spec: ModuleQuantSpec) -> str | None:
+        """Why this format cannot hold weights quantized as ``spec`` (None: it can). Checked
+        when the recipe is validated, so a mismatch fails before any quantization."""
+        return None
 
 
 class StorageBackend(Plugin):

@@ -231,6 +231,10 @@ class MixedPrecisionAllocator(BitAllocator):
 
     # -- helpers --------------------------------------------------------------------------
 
+    def possible_specs(self, default: ModuleQuantSpec) -> list[ModuleQuantSpec]:
+        return [ModuleQuantSpec(f.bits, f.group_size, default.sym, default.method)
+                for f in self.config.candidates]
+
     def _candidates(self, kind: WeightKind, default: ModuleQuantSpec) -> list[Candidate]:
         formats = [Candidate(f.bits, f.group_size) for f in self.config.candidates]
         if kind == "uniform":

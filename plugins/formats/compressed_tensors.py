@@ -51,14 +51,15 @@ from quantmill.plugins.base import (
     Exporter,
     LoadedModel,
     ModelSource,
+    ModuleQuantSpec,
     QuantizationResult,
     weight_kind,
 )
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     _config_dict,
@@ -71,7 +72,6 @@ from quantmill.plugins.formats.gptq import (
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models.int8_linear import Int8DynamicLinear, check_w8_per_channel
 from quantmill.plugins.models.int8_siblings import fuse_siblings
-from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.sources import _has_quantization_config, check_weights_directory
 
 FORMAT_NAME = "compressed-tensors"
@@ -329,27 +329,9 @@ def load_compressed_tensors_checkpoint(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         keep_dtype.update(f"{name}.{suffix}" for suffix in QUANTIZED_SUFFIXES)
 
-    for key, tensor in tensors.items():
-        if key not in keep_dtype and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensors[key] = tensor.to(dtype)
-    alias_tied(model, tensors)
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise QuantmillError(f"{path} does not match its config.json: {exc}") from exc
-    del tensors
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-    materialize_non_persistent_buffers(model, device)
+    assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)
     fuse_siblings(model)  # q/k/v and gate/up share one int8 GEMM (same results, faster)
-    model.eval()
-
-    tokenizer = None
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = directory_tokenizer(path)
     defining = files + [path / CONFIG_NAME]
     if (path / WEIGHTS_INDEX_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
         defining.append(path / WEIGHTS_INDEX_NAME)
@@ -372,6 +354,14 @@ class CompressedTensorsExporter(Exporter):
     name = FORMAT_NAME
     format_name = FORMAT_NAME
     accepts_weight_kinds = frozenset({"uniform"})
+
+    def refuse_spec(self, spec: ModuleQuantSpec) -> str | None:
+        if spec.bits == 8 and spec.sym and spec.group_size == -1:
+            return None
+        return (f"it writes W8A8 int8 only (8-bit symmetric per-channel weights), not "
+                f"{spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'} weights with "
+                f"group size {spec.group_size}; use method 'dynamic_int8', or export format "
+                f"'gptq' for these weights")
 
     def export(
         self, loaded: LoadedModel, result: QuantizationResult, out_dir: Path

@@ -37,10 +37,10 @@ from quantmill.plugins.base import (
     QuantizedWeight,
 )
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
 from quantmill.plugins.formats.packing import packed_length
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
-from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.memory import release_free_memory
 from quantmill.plugins.models.quant_linear import GPTQLinear, zero_offset_for
 
@@ -51,7 +51,6 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 #: Bit widths other GPTQ runtimes have kernels for; quantmill also writes 5, 6 and 7.
 STANDARD_BITS = frozenset({2, 3, 4, 8})
@@ -573,31 +572,13 @@ def load_gptq_checkpoint(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         keep_dtype.update(f"{name}.{suffix}" for suffix in QUANTIZED_SUFFIXES)
 
-    for key, tensor in tensors.items():
-        if key not in keep_dtype and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensors[key] = tensor.to(dtype)
-    alias_tied(model, tensors)
     # Old AutoGPTQ files carry per-layer rotary tables that today's models recompute.
     expected = model.state_dict().keys()
     for key in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         if key not in expected:
             del tensors[key]
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise QuantmillError(f"{path} does not match its config.json: {exc}") from exc
-    del tensors
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-    materialize_non_persistent_buffers(model, device)
-    model.eval()
-
-    tokenizer = None
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)
+    tokenizer = directory_tokenizer(path)
     defining = files + [config_file]
     if (path / WEIGHTS_INDEX_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
         defining.append(path / WEIGHTS_INDEX_NAME)

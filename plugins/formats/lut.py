@@ -47,11 +47,11 @@ from quantmill.plugins.base import (
     QuantizationResult,
 )
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
     CONFIG_NAME,
     PROJECT_URI,
-    TOKENIZER_FILES,
     WEIGHTS_NAME,
     _config_dict,
     _config_from_dict,
@@ -62,7 +62,6 @@ from quantmill.plugins.formats.gptq import (
 )
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models.lut_linear import LUTLinear, num_codebooks, padded_in_features
-from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 QUANT_METHOD = "quantmill_lut"
 FORMAT_VERSION = 1
@@ -226,26 +225,8 @@ def load_lut_checkpoint(path: Path, device: torch.device | str = torch.device("c
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         keep_dtype.update(f"{name}.{suffix}" for suffix in LUT_SUFFIXES)
-    for key, tensor in tensors.items():
-        if key not in keep_dtype and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensors[key] = tensor.to(dtype)
-    alias_tied(model, tensors)
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise QuantmillError(f"{path} does not match its config.json: {exc}") from exc
-    del tensors
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-    materialize_non_persistent_buffers(model, device)
-    model.eval()
-
-    tokenizer = None
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)
+    tokenizer = directory_tokenizer(path)
     return LoadedModel(model, tokenizer, path, "lut", [weights_file, path / CONFIG_NAME])
 
 

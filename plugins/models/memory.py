@@ -15,12 +15,16 @@ import gc
 import sys
 
 
-def release_free_memory() -> bool:
+def release_free_memory(collect: bool = True) -> bool:
     """Collect garbage, then ask glibc to return free heap pages (``malloc_trim``).
 
+    ``collect=False`` skips the garbage collection: a full collection walks every tracked Python
+    object (0.2-0.3 s with transformers loaded), wasted where the caller knows its temporaries
+    hold no reference cycles and were freed by reference counting already.
     Returns whether the trim ran (False off glibc, e.g. on macOS or with musl).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")

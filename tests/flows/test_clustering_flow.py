@@ -88,6 +88,14 @@ def test_clustering_recipe_with_dequantized_export(quantmill_home: Path, tiny_re
     ({**CLUSTERING, "bits": 1}, {"format": "lut"}, "clustering bits must be one of 2, 3, 4, 8"),
     ({**CLUSTERING, "rows_per_codebook": 0}, {"format": "lut"},
      "quantization.rows_per_codebook"),
+    # a spec the format cannot hold is refused before quantizing, not at export time
+    ({"method": "rtn", "bits": 4, "group_size": 32}, {"format": "compressed-tensors"},
+     "export format 'compressed-tensors' cannot write what method 'rtn' produces: it writes "
+     "W8A8 int8 only (8-bit symmetric per-channel weights), not 4-bit asymmetric weights with "
+     "group size 32"),
+    ({"method": "rtn", "bits": 8, "group_size": -1, "sym": True,
+      "allocator": "mixed_precision", "allocator_options": {"avg_bits": 6.0}},
+     {"format": "compressed-tensors"}, "not 2-bit symmetric weights with group size 128"),
 ])
 def test_refused_at_validation(tiny_recipe, quantization: dict, export: dict,
                                message: str) -> None:

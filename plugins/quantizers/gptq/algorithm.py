@@ -308,11 +308,13 @@ def gptq_quantize(
                          if measure_error else float("nan"))
 
 
-def hessian_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor) -> float:
+def hessian_error(weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor,
+                  dequantized: torch.Tensor | None = None) -> float:
     """tr((W - Q) H (W - Q)^T): the layer-output error GPTQ minimises (dead inputs count as
-    zero weights, as GPTQ sets them)."""
+    zero weights, as GPTQ sets them). ``dequantized``: Q, when the caller has it already."""
     device = hessian.device
-    delta = weight.detach().to(device, torch.float32) - qw.dequantize().to(device)
+    q = qw.dequantize() if dequantized is None else dequantized
+    delta = weight.detach().to(device, torch.float32) - q.to(device, torch.float32)
     return float(((delta @ hessian.to(torch.float32)) * delta).sum())
 
 

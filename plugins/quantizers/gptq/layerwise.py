@@ -28,7 +28,6 @@ import torch
 
 from quantmill.plugins.base import ModuleQuantSpec, QuantizedWeight
 from quantmill.plugins.errors import QuantmillError
-from quantmill.plugins.formats import packing
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.memory import release_free_memory
 from quantmill.plugins.progress import progress_bar
@@ -251,14 +250,14 @@ class BlockQuantizer:
                 if linear.bias is not None:
                     part.bias = linear.bias.detach().cpu().clone()
                 # later stages run with the quantized weights, exactly as the checkpoint will
-                linear.weight.data = part.dequantize().to(linear.weight.device,
-                                                          linear.weight.dtype)
+                dequantized = part.dequantize()
+                error = hessian_error(linear_weight_before(stacked, group, name, self.modules),
+                                      part, hessian.hessian, dequantized=dequantized)
+                linear.weight.data = dequantized.to(linear.weight.device, linear.weight.dtype)
                 self.result.weights[name] = part
                 self.result.stats[name] = GPTQStats(
                     damp_used=stats.damp_used, dead_inputs=stats.dead_inputs,
-                    hessian_error=hessian_error(linear_weight_before(stacked, group, name,
-                                                                     self.modules),
-                                                part, hessian.hessian))
+                    hessian_error=error)
 
     @torch.inference_mode()
     def run(self, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
@@ -391,9 +390,10 @@ def quantize_model_layerwise(
                 packed[f"{prefix}.{i}.{local}"] = _pack_codes(qw)
                 stats[f"{prefix}.{i}.{local}"] = result.stats[local]
             del result
-            # the block's working copy and temporaries are freed; without handing their pages
-            # back, the long-lived results allocated among them pin a little more each block
-            release_free_memory()
+            # the block's working copy and temporaries are freed (reference counting: the block
+            # holds no cycles, so no garbage collection); without handing their pages back,
+            # the long-lived results allocated among them pin a little more each block
+            release_free_memory(collect=False)
             advance(1)
     del workspace, hidden, kwargs
     release_free_memory()
@@ -401,19 +401,28 @@ def quantize_model_layerwise(
 
 
 def _pack_codes(qw: QuantizedWeight) -> tuple[QuantizedWeight, torch.Tensor | None]:
-    """Finished modules wait for the end of the pass with their integers bit-packed into int32
-    words (4-bit: half the bytes of uint8, 3-bit: 3/8), so the results of earlier blocks add up
-    less while later blocks still need their activations (SmolLM2-135M at 4 bits: 53 MB instead
-    of 106 MB). They are unpacked once the activations are freed."""
-    width = qw.intweight.shape[1]
-    if qw.bits >= 8 or (width * qw.bits) % 32:
+    """Finished modules wait for the end of the pass with their integers packed several to a
+    byte (2 per byte at 3-4 bits, 4 at 2 bits), so the results of earlier blocks add up less
+    while later blocks still need their activations (SmolLM2-135M at 4 bits: 53 MB instead of
+    106 MB). Plain uint8 shifts: a few milliseconds per module, where the checkpoint's int32
+    word packing cost seconds per block. Unpacked once the activations are freed."""
+    per_byte = 8 // qw.bits
+    rows, width = qw.intweight.shape
+    if per_byte < 2 or width % per_byte:
         return qw, None
-    codes = packing.pack_cols(qw.intweight.to(torch.int32), qw.bits)
-    return replace(qw, intweight=qw.intweight.new_empty(qw.intweight.shape[0], 0)), codes
+    codes = qw.intweight.to(torch.uint8).reshape(rows, width // per_byte, per_byte)
+    packed = codes[..., 0].clone()
+    for j in range(1, per_byte):
+        packed |= codes[..., j] << (j * qw.bits)
+    return replace(qw, intweight=qw.intweight.new_empty(rows, 0)), packed
 
 
-def _unpack_codes(qw: QuantizedWeight, codes: torch.Tensor | None) -> QuantizedWeight:
-    if codes is None:
+def _unpack_codes(qw: QuantizedWeight, packed: torch.Tensor | None) -> QuantizedWeight:
+    if packed is None:
         return qw
-    width = codes.shape[1] * 32 // qw.bits
-    return replace(qw, intweight=packing.unpack_cols(codes, qw.bits, width).to(torch.uint8))
+    per_byte, mask = 8 // qw.bits, (1 << qw.bits) - 1
+    rows, cols = packed.shape
+    codes = torch.empty(rows, cols, per_byte, dtype=torch.uint8)
+    for j in range(per_byte):
+        codes[..., j] = (packed >> (j * qw.bits)) & mask
+    return replace(qw, intweight=codes.reshape(rows, cols * per_byte))

@@ -1,0 +1,57 @@
+"""The last steps every checkpoint reader shares, once its quantized modules are in place.
+
+Why one function: the GPTQ, look-up-table and compressed-tensors readers each build their own
+quantized modules, then must do the same delicate things in the same order (cast only the float
+tensors, keep tied embeddings tied, assign without copying, rebuild the non-persistent buffers,
+find the tokenizer). Written once, a fix reaches all three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def assign_checkpoint_tensors(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    keep_dtype: set[str],
+    dtype: torch.dtype,
+    path: Path,
+    device: torch.device | str,
+) -> None:
+    """Load ``tensors`` into ``model`` (strict, by assignment) and leave it ready to run.
+
+    Float tensors are cast to ``dtype`` except those named in ``keep_dtype`` (scales, codebooks:
+    their precision is part of the format). ``tensors`` is emptied: the model owns them now.
+    """
+    for key, tensor in tensors.items():
+        if key not in keep_dtype and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensors[key] = tensor.to(dtype)
+    alias_tied(model, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise QuantmillError(f"{path} does not match its config.json: {exc}") from exc
+    tensors.clear()
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    materialize_non_persistent_buffers(model, device)
+    model.eval()
+
+
+def directory_tokenizer(path: Path) -> Any | None:
+    """The tokenizer saved next to a checkpoint, or None when the directory has none."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
