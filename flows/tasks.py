@@ -297,16 +297,42 @@ def register_step(
     with ref.registry() as reg:
         if reg.get_run(run_id).status == "succeeded":  # a retry after a committed attempt
             return reg.get_artifact(stored["sha256"]).id
+        base_sha256 = reg.get_artifact(base_id).sha256
         reg.finish_run(run_id, outputs=[NewArtifact(
             kind="checkpoint", name=job.recipe.name, sha256=stored["sha256"],
             size_bytes=stored["size_bytes"], uri=stored["uri"], format=job.exporter.format_name,
             role="quantized_checkpoint",
-            metadata={"export": quantized["export"], "method": job.quantizer.name},
+            metadata=checkpoint_metadata(job, quantized, base_sha256),
         )], metrics=metrics, details={"plan": quantized["plan"],
                                       "plan_details": quantized.get("plan_details", {}),
                                       "quantize_seconds": quantized["quantize_seconds"],
                                       "quantizer": quantized["details"]})
         return reg.get_artifact(stored["sha256"]).id
+
+
+def checkpoint_metadata(job: Job, quantized: dict[str, Any], base_sha256: str) -> dict[str, Any]:
+    """The checkpoint's searchable facts (``quantmill registry search --method --bits``).
+
+    ``bits``/``group_size`` come from the executed plan when every module got the same one (the
+    uniform allocator applies the quantizer's default spec); a mixed-precision plan has no
+    single width, so it records the widths it used as ``bits_mixed`` instead of claiming the
+    default it did not apply. Codebook methods have no group size.
+    """
+    metadata: dict[str, Any] = {"export": quantized["export"], "method": job.quantizer.name,
+                                "base_model_sha256": base_sha256}
+    specs = list(quantized["plan"].values())
+    default = job.quantizer.default_spec()
+    if not specs and default is not None:
+        specs = [{"bits": default.bits, "group_size": default.group_size}]
+    widths = sorted({spec["bits"] for spec in specs})
+    groups = {spec["group_size"] for spec in specs}
+    if len(widths) == 1:
+        metadata["bits"] = widths[0]
+    elif widths:
+        metadata["bits_mixed"] = widths
+    if len(groups) == 1 and job.quantizer.weight_kind == "uniform":
+        metadata["group_size"] = groups.pop()
+    return metadata
 
 
 def _jsonable(value: Any) -> Any:

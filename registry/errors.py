@@ -44,3 +44,8 @@ class RunStateError(RegistryError):
 
 class ArtifactConflict(RegistryError):
     """Content with this sha256 is already registered with a different size: a caller bug."""
+
+
+class InvalidQuery(RegistryError, ValueError):
+    """A search, filter or page request that cannot be answered as asked (bad operator, value,
+    date or page size); the message names the offending part."""

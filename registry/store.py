@@ -347,32 +347,68 @@ class Registry:
     ) -> Run:
         """Record a run as ``running``, with its ``(artifact_id, role)`` input edges."""
         with self._write() as (session, chain):
-            row = RunRow(
+            row = self._insert_run(
+                session,
+                chain,
                 job_id=job_id,
                 kind=kind,
                 name=name,
-                recipe=dict(recipe),
-                recipe_sha256=json_sha256(recipe),
-                plugins=dict(plugins),
-                versions=dict(versions),
-                details=dict(details or {}),
+                recipe=recipe,
+                plugins=plugins,
+                versions=versions,
                 flow_run_id=flow_run_id,
+                details=details or {},
                 host=socket.gethostname(),
                 started_by=_current_user(),
-                started_at=utcnow(),
+                inputs=inputs,
             )
-            session.add(row)
-            session.flush()
-            chain.append("runs", row.id)
-            for artifact_id, role in dict.fromkeys(inputs):
-                self._artifact_row(session, artifact_id)
-                edge = RunEdgeRow(
-                    run_id=row.id, artifact_id=artifact_id, direction="input", role=role
-                )
-                session.add(edge)
-                session.flush()
-                chain.append("run_edges", edge.id)
             return run_entity(row, None)
+
+    def _insert_run(
+        self,
+        session: Session,
+        chain: ChainWriter,
+        *,
+        job_id: str,
+        kind: str,
+        name: str,
+        recipe: dict[str, Any],
+        plugins: dict[str, str],
+        versions: dict[str, str],
+        flow_run_id: str | None,
+        details: dict[str, Any],
+        host: str,
+        started_by: str,
+        inputs: Sequence[tuple[int | str, str]],
+    ) -> RunRow:
+        """Insert a run's start record and its input edges (inputs named by id or sha256
+        prefix); shared with ``quantmill.registry.remote``, which records whole runs at once."""
+        row = RunRow(
+            job_id=job_id,
+            kind=kind,
+            name=name,
+            recipe=dict(recipe),
+            recipe_sha256=json_sha256(recipe),
+            plugins=dict(plugins),
+            versions=dict(versions),
+            details=dict(details),
+            flow_run_id=flow_run_id,
+            host=host,
+            started_by=started_by,
+            started_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        chain.append("runs", row.id)
+        edges: dict[tuple[int, str], None] = {}
+        for ref, role in inputs:
+            edges[(self._artifact_row(session, ref).id, role)] = None
+        for artifact_id, role in edges:
+            edge = RunEdgeRow(run_id=row.id, artifact_id=artifact_id, direction="input", role=role)
+            session.add(edge)
+            session.flush()
+            chain.append("run_edges", edge.id)
+        return row
 
     def finish_run(
         self,
@@ -391,28 +427,40 @@ class Registry:
         """
         with self._write() as (session, chain):
             run = self._running_run(session, run_id)
-            edges: dict[tuple[int, str], None] = {}
-            for output in outputs:
-                if isinstance(output, NewArtifact):
-                    artifact = self._upsert(session, chain, output)
-                    edges[(artifact.id, output.role)] = None
-                else:
-                    artifact_id, role = output
-                    edges[(self._artifact_row(session, artifact_id).id, role)] = None
-            for artifact_id, role in edges:
-                edge = RunEdgeRow(
-                    run_id=run.id, artifact_id=artifact_id, direction="output", role=role
-                )
-                session.add(edge)
-                session.flush()
-                chain.append("run_edges", edge.id)
-            for metric in metrics:
-                metric_row = self._metric_row(session, run.id, metric)
-                session.add(metric_row)
-                session.flush()
-                chain.append("metrics", metric_row.id)
+            self._record_results(session, chain, run, outputs, metrics)
             completion = self._complete(session, chain, run, "succeeded", details or {}, None)
             return run_entity(run, completion)
+
+    def _record_results(
+        self,
+        session: Session,
+        chain: ChainWriter,
+        run: RunRow,
+        outputs: Sequence[NewArtifact | tuple[int, str]],
+        metrics: Sequence[NewMetric],
+    ) -> None:
+        """Insert a run's output artifacts and edges, then its metrics (which may name those
+        outputs by sha256); shared with ``quantmill.registry.remote``."""
+        edges: dict[tuple[int, str], None] = {}
+        for output in outputs:
+            if isinstance(output, NewArtifact):
+                artifact = self._upsert(session, chain, output)
+                edges[(artifact.id, output.role)] = None
+            else:
+                artifact_id, role = output
+                edges[(self._artifact_row(session, artifact_id).id, role)] = None
+        for artifact_id, role in edges:
+            edge = RunEdgeRow(
+                run_id=run.id, artifact_id=artifact_id, direction="output", role=role
+            )
+            session.add(edge)
+            session.flush()
+            chain.append("run_edges", edge.id)
+        for metric in metrics:
+            metric_row = self._metric_row(session, run.id, metric)
+            session.add(metric_row)
+            session.flush()
+            chain.append("metrics", metric_row.id)
 
     @staticmethod
     def _complete(
