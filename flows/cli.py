@@ -288,6 +288,8 @@ def render_lineage(graph: Any, root_id: int) -> Tree:
     metrics: dict[int, list[Any]] = {}
     for metric in graph.metrics:
         metrics.setdefault(metric.artifact_id, []).append(metric)
+    # corrected measurements stay listed (an audit shows both), marked as replaced
+    superseded = {m.supersedes_id: m.id for m in graph.metrics if m.supersedes_id is not None}
 
     def label(artifact_id: int, role: str | None = None) -> str:
         a = graph.artifacts[artifact_id]
@@ -301,9 +303,11 @@ def render_lineage(graph: Any, root_id: int) -> Tree:
         first_time = artifact_id not in shown
         shown.add(artifact_id)
         listed = metrics.get(artifact_id, []) if first_time else []
-        for metric in sorted(listed, key=lambda m: (m.evaluator, m.name)):
+        for metric in sorted(listed, key=lambda m: (m.evaluator, m.name, m.id)):
+            note = (f", superseded by metric #{superseded[metric.id]}"
+                    if metric.id in superseded else "")
             node.add(f"[green]metric[/] {metric.evaluator}.{metric.name} = {_fmt(metric.value)}"
-                     f" [dim](run {metric.run_id})[/]")
+                     f" [dim](run {metric.run_id}{note})[/]")
         for run_id in producers.get(artifact_id, []):
             r = graph.runs[run_id]
             branch = node.add(f"[bold magenta]run[/] #{r.id} {r.kind} {r.name} [dim]"

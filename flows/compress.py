@@ -86,8 +86,13 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
     input_edges = [(inputs["base_model"], "base_model")]
     if calibration_id is not None:
         input_edges.append((calibration_id, "calibration_set"))
-    # evaluation data is not an input of the checkpoint (it must not look like training data):
-    # metrics point at it through their dataset_artifact_id instead
+    # evaluation data is read by the run but shapes no weight: its role says so, so lineage
+    # shows an auditor every file the run touched without it passing for calibration data
+    for evaluator in job.evaluators:
+        for path in evaluator.data_files():
+            dataset = inputs["datasets"].get(str(path))
+            if dataset is not None:
+                input_edges.append((dataset, "evaluation_data"))
     with ref.registry() as reg:
         run = reg.start_run(
             job_id=ref.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),

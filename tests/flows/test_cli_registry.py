@@ -233,6 +233,8 @@ def test_lineage_both_ways(db_url: str, tmp_path: Path) -> None:
     assert "report" in tree and f"run #{ids['run-ck-rtn4']}" in tree and "as base_model" in tree
     tree = cli("registry", "lineage", str(ids["report"]), *url).stdout
     assert "base_model: model #1 base" in tree
+    # the corrected perplexity is shown next to its replacement, marked as replaced
+    assert f"superseded by metric #{ids['metric']}" in tree and "34.5" in tree
     # the older command still answers the same question
     assert f"run #{ids['run-ck-gptq3']}" in cli("lineage", str(ids["report"]), *url).stdout
 

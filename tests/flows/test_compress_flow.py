@@ -125,6 +125,8 @@ def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
         [calib] = reg.list_artifacts(kind="calibration_set")
         inputs = {e.role: e.artifact_id for e in reg.run_edges(run.id) if e.direction == "input"}
     assert inputs["calibration_set"] == calib.id
+    evaluation_file = reg.get_artifact(inputs["evaluation_data"])  # provenance of the metrics
+    assert evaluation_file.kind == "dataset" and evaluation_file.name.endswith(".txt")
     assert run.details["quantizer"]["method"] == "gptq"
     layers = run.details["quantizer"]["layers"]
     assert len(layers) == 14 and all(v["damp_used"] >= 0.02 for v in layers.values())
