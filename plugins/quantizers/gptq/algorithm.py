@@ -66,11 +66,11 @@ class HessianAccumulator:
         self.count += x.shape[0]
         for bi in range(self.blocks):
             a0, a1 = self.bounds[bi], self.bounds[bi + 1]
-            block = x[:, a0:a1].T @ x[:, a0:]  # [a, in - a0]: upper block row
-            if block.dtype == self.sum.dtype:
-                self.sum[a0:a1, a0:] += block
+            if self.sum.dtype == torch.float32:
+                # accumulate in place: no [a, in - a0] temporary, no separate add pass
+                self.sum[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
             else:
-                self.sum[a0:a1, a0:] += block.to(self.sum.dtype)
+                self.sum[a0:a1, a0:] += (x[:, a0:a1].T @ x[:, a0:]).to(self.sum.dtype)
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
