@@ -3,31 +3,65 @@
 Artifact A is a parent of B when some run has A as an input edge and B as an output edge. Each
 direction is one recursive CTE over ``run_edges``, written in portable SQL (``UNION`` with a depth
 column and a depth bound) so SQLite and PostgreSQL answer identically and a cycle cannot loop.
+
+Why it is written for speed (issue #5: a depth-10 query in well under 20 ms on a registry of
+100,000 artifacts, on both databases): most of a small query's time was Python, not SQL. So a
+call is five statements (the walk returns the artifacts themselves; the ids of the runs linked
+to them, those runs, their edges and the metrics follow), built once per process with bind
+parameters (no SQL construction per call), and rows are read as plain rows of the mapped
+columns instead of ORM objects. Id lists are sent in chunks, so a graph of any size stays under
+SQLite's bound-parameter limit. The run ids are fetched on their own rather than as a sub-query
+of the runs statement: with the sub-query, PostgreSQL's estimate for a data set's id (an input of
+thousands of runs, never an output) made it scan every run, 25 ms per upstream query at 100,000
+artifacts.
 """
 
-from typing import Literal
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cache
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import Integer, cast, func, literal, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Integer, Select, bindparam, cast, func, inspect, literal, select
+from sqlalchemy.orm import Bundle, Session, aliased
 
-from quantmill.registry.convert import (
-    artifact_entity,
-    edge_entity,
-    metric_entity,
-    run_entity,
-    runs_query,
-)
-from quantmill.registry.entities import LineageGraph
+from quantmill.registry.convert import artifact_entity, edge_entity, metric_entity, run_entity
+from quantmill.registry.entities import Artifact, LineageGraph, Run
 from quantmill.registry.errors import ArtifactNotFound
-from quantmill.registry.models import ArtifactRow, MetricRow, RunEdgeRow, RunRow
+from quantmill.registry.models import (
+    ArtifactRow,
+    Base,
+    MetricRow,
+    RunCompletionRow,
+    RunEdgeRow,
+    RunRow,
+)
 
 LineageDirection = Literal["upstream", "downstream"]
 
+#: Ids per ``IN (...)``: one statement for any ordinary graph, and far below SQLite's limit of
+#: 32,766 bound parameters for the largest.
+ID_CHUNK = 2000
 
-def _depths(
-    session: Session, root_id: int, direction: LineageDirection, max_depth: int
-) -> dict[int, int]:
-    """Shortest distance (in runs) from ``root_id`` to every artifact within ``max_depth``.
+
+def _columns(model: type[Base]) -> list[Any]:
+    """Every mapped column attribute of ``model``: rows of these carry the attribute names
+    (``metadata_``, not ``metadata``), which is all the converters in ``convert`` read."""
+    return [getattr(model, attr.key) for attr in inspect(model).column_attrs]
+
+
+class _Statements(NamedTuple):
+    """The statements of one direction, built once (see ``_statements``)."""
+
+    walk: Select[Any]
+    linked: Select[Any]
+    runs: Select[Any]
+    edges: Select[Any]
+    metrics: Select[Any]
+
+
+@cache
+def _statements(direction: LineageDirection) -> _Statements:
+    """The statements for ``direction``, with bind parameters ``root_id`` and ``max_depth``
+    (walk), ``artifact_ids`` (linked, metrics) and ``run_ids`` (runs, edges).
 
     Upstream, a step goes from an artifact to the inputs of the runs that output it; downstream,
     to the outputs of the runs that took it as input.
@@ -35,7 +69,7 @@ def _depths(
     near, far = ("output", "input") if direction == "upstream" else ("input", "output")
     seed = select(
         ArtifactRow.id.label("artifact_id"), cast(literal(0), Integer).label("depth")
-    ).where(ArtifactRow.id == root_id)
+    ).where(ArtifactRow.id == bindparam("root_id", type_=Integer))
     reach = seed.cte("reach", recursive=True)
     near_edge = aliased(RunEdgeRow, name="near_edge")
     far_edge = aliased(RunEdgeRow, name="far_edge")
@@ -47,14 +81,46 @@ def _depths(
             (near_edge.artifact_id == reach.c.artifact_id) & (near_edge.direction == near),
         )
         .join(far_edge, (far_edge.run_id == near_edge.run_id) & (far_edge.direction == far))
-        .where(reach.c.depth < max_depth)
+        .where(reach.c.depth < bindparam("max_depth", type_=Integer))
     )
     # UNION (not UNION ALL) drops repeated (artifact, depth) pairs; the depth bound ends cycles.
     reach = reach.union(step)
-    rows = session.execute(
-        select(reach.c.artifact_id, func.min(reach.c.depth)).group_by(reach.c.artifact_id)
+    # Shortest distance of every reached artifact, joined to the artifact itself.
+    depths = (
+        select(reach.c.artifact_id, func.min(reach.c.depth).label("depth"))
+        .group_by(reach.c.artifact_id)
+        .subquery("depths")
     )
-    return {artifact_id: depth for artifact_id, depth in rows}
+    walk = (
+        select(*_columns(ArtifactRow), depths.c.depth)
+        .join_from(depths, ArtifactRow, ArtifactRow.id == depths.c.artifact_id)
+        .order_by(ArtifactRow.id)
+    )
+    artifact_ids = bindparam("artifact_ids", expanding=True)
+    run_ids = bindparam("run_ids", expanding=True)
+    # The runs that made (upstream) or used (downstream) an artifact the walk went past.
+    linked = select(RunEdgeRow.run_id).where(
+        RunEdgeRow.direction == near, RunEdgeRow.artifact_id.in_(artifact_ids)
+    )
+    runs = (
+        select(Bundle("run", *_columns(RunRow)), Bundle("done", *_columns(RunCompletionRow)))
+        .outerjoin(RunCompletionRow, RunCompletionRow.run_id == RunRow.id)
+        .where(RunRow.id.in_(run_ids))
+    )
+    edges = select(*_columns(RunEdgeRow)).where(RunEdgeRow.run_id.in_(run_ids))
+    metrics = select(*_columns(MetricRow)).where(MetricRow.artifact_id.in_(artifact_ids))
+    return _Statements(walk, linked, runs, edges, metrics)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(ids), ID_CHUNK):
+        yield ids[start : start + ID_CHUNK]
+
+
+def _rows(session: Session, statement: Select[Any], name: str, ids: Sequence[int]) -> Iterable[Any]:
+    """Rows of ``statement`` with the id list ``name`` bound chunk by chunk."""
+    for chunk in _chunks(ids):
+        yield from session.execute(statement, {name: list(chunk)})
 
 
 def lineage(
@@ -67,48 +133,44 @@ def lineage(
     """
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
-    depths = _depths(session, artifact_id, direction, max_depth)
+    statements = _statements(direction)
+    reached = session.execute(statements.walk, {"root_id": artifact_id, "max_depth": max_depth})
+    artifacts: dict[int, Artifact] = {}
+    depths: dict[int, int] = {}
+    for row in reached:  # ordered by id, as the graph's mappings are
+        artifacts[row.id] = artifact_entity(row)
+        depths[row.id] = row.depth
     if not depths:
         raise ArtifactNotFound(f"no artifact with id {artifact_id}")
     node_ids = sorted(depths)
-    expandable = [node for node, depth in depths.items() if depth < max_depth]
-    near = "output" if direction == "upstream" else "input"
+    expandable = [node for node in node_ids if depths[node] < max_depth]
 
-    run_ids: list[int] = []
-    if expandable:
-        run_ids = list(
-            session.scalars(
-                select(RunEdgeRow.run_id)
-                .where(RunEdgeRow.direction == near, RunEdgeRow.artifact_id.in_(expandable))
-                .distinct()
-            )
-        )
-    artifacts = session.scalars(
-        select(ArtifactRow).where(ArtifactRow.id.in_(node_ids)).order_by(ArtifactRow.id)
-    )
-    runs = session.execute(runs_query().where(RunRow.id.in_(run_ids)).order_by(RunRow.id))
-    edge_rows = session.scalars(
-        select(RunEdgeRow).where(
-            RunEdgeRow.run_id.in_(run_ids), RunEdgeRow.artifact_id.in_(node_ids)
-        )
-    )
+    run_ids = sorted({row.run_id for row in _rows(session, statements.linked, "artifact_ids",
+                                                  expandable)})
+    runs: dict[int, Run] = {}
+    for row in _rows(session, statements.runs, "run_ids", run_ids):
+        runs[row.run.id] = run_entity(row.run, row.done if row.done.id is not None else None)
+    nodes = set(node_ids)
     # Sorted in Python: SQL string order depends on the database's collation.
     edges = sorted(
-        (edge_entity(row) for row in edge_rows),
+        (edge_entity(row) for row in _rows(session, statements.edges, "run_ids", run_ids)
+         if row.artifact_id in nodes),
         key=lambda e: (e.run_id, e.direction, e.artifact_id, e.role),
     )
-    metrics = session.scalars(
-        select(MetricRow).where(MetricRow.artifact_id.in_(node_ids)).order_by(MetricRow.id)
+    metrics = sorted(
+        (metric_entity(row) for row in _rows(session, statements.metrics, "artifact_ids",
+                                             node_ids)),
+        key=lambda m: m.id,
     )
     return LineageGraph(
         root_id=artifact_id,
         direction=direction,
         max_depth=max_depth,
-        artifacts={row.id: artifact_entity(row) for row in artifacts},
-        depths=dict(sorted(depths.items())),
-        runs={row.id: run_entity(row, done) for row, done in runs},
+        artifacts=artifacts,
+        depths=depths,
+        runs={run_id: runs[run_id] for run_id in run_ids},
         edges=tuple(edges),
-        metrics=tuple(metric_entity(row) for row in metrics),
+        metrics=tuple(metrics),
     )
 
 

@@ -1,0 +1,266 @@
+"""Recording many ended runs in one transaction: back-fills, imports, the scale benchmark.
+
+Why a second write path: ``start_run`` + ``finish_run`` cost two transactions per run, each
+taking the chain lock, reading the chain's tail, reading every new record back on its own to
+chain it, and committing (an fsync). Registering tens of thousands of historical runs spends its
+time in those round trips. ``record_runs`` writes exactly the rows and ledger links those calls
+would (same tables, same canonical payloads, each run's records in the same order: the run, its
+input edges, its new output artifacts, output edges, metrics, completion), for a whole batch at
+once: one lock, multi-row inserts, one read-back per table, one commit. All of a batch is stored,
+or none of it. Live workers keep using the per-run calls: a run must be visible as ``running``
+while it runs.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from quantmill.registry.chain import entry_hash, payload_text, row_payload, sha256_text, tail
+from quantmill.registry.entities import NewArtifact, NewMetric, check_sha256
+from quantmill.registry.errors import ArtifactConflict, ArtifactNotFound, RegistryError
+from quantmill.registry.hashing import json_sha256
+from quantmill.registry.models import (
+    CHAINED_TABLES,
+    ArtifactRow,
+    LedgerRow,
+    MetricRow,
+    RunCompletionRow,
+    RunEdgeRow,
+    RunRow,
+    utcnow,
+)
+from quantmill.registry.store import Registry, _current_user
+
+#: Ids per ``IN (...)`` read-back (well under SQLite's bound-parameter limit).
+READ_CHUNK = 900
+#: Rows per multi-row ``INSERT ... ON CONFLICT`` of artifacts (9 parameters each).
+UPSERT_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run that already ended: what ``start_run`` and ``finish_run``/``fail_run`` take.
+
+    ``inputs`` name artifacts by id or by full sha256 (registered before the batch, or an
+    output of an earlier record of the same batch). ``error`` set: the run failed, and has no
+    outputs or metrics.
+    """
+
+    job_id: str
+    kind: str
+    name: str
+    recipe: dict[str, Any]
+    plugins: dict[str, str]
+    versions: dict[str, str]
+    inputs: Sequence[tuple[int | str, str]] = ()
+    outputs: Sequence[NewArtifact] = ()
+    metrics: Sequence[NewMetric] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    flow_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is not None and (self.outputs or self.metrics):
+            raise ValueError(f"run {self.name!r} failed: it cannot have outputs or metrics")
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[int]:
+    """Multi-row insert; the new ids in the order of ``rows``."""
+    if not rows:
+        return []
+    statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+    return list(session.scalars(statement, rows))
+
+
+class _Batch:
+    """The rows of one ``record_runs`` call, resolved and inserted table by table."""
+
+    def __init__(self, session: Session, records: Sequence[RunRecord]) -> None:
+        self.session = session
+        self.records = records
+        self.now = utcnow()
+        #: sha256 -> (id, size_bytes) of every artifact this batch touches.
+        self.artifacts: dict[str, tuple[int, int]] = {}
+        self.known_ids: set[int] = set()
+        #: sha256s this batch inserted (chained by the run that output them first).
+        self.new_artifacts: set[str] = set()
+
+    def known_artifacts(self, shas: set[str], ids: set[int]) -> None:
+        table = ArtifactRow.__table__
+        for column, wanted in ((table.c.sha256, sorted(shas)), (table.c.id, sorted(ids))):
+            for chunk in _chunks(wanted, READ_CHUNK):
+                query = select(table.c.sha256, table.c.id, table.c.size_bytes)
+                for sha, artifact_id, size in self.session.execute(query.where(column.in_(chunk))):
+                    self.artifacts[sha] = (artifact_id, size)
+                    self.known_ids.add(artifact_id)
+
+    def upsert_outputs(self) -> None:
+        """Register every output not registered yet (race-safe, like ``upsert_artifact``)."""
+        wanted: dict[str, NewArtifact] = {}
+        for record in self.records:
+            for output in record.outputs:
+                wanted.setdefault(output.sha256, output)
+        missing = [new for sha, new in wanted.items() if sha not in self.artifacts]
+        dialect = self.session.get_bind().dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+        upsert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        table = ArtifactRow.__table__
+        for chunk in _chunks(missing, UPSERT_CHUNK):
+            statement = (
+                upsert(table)
+                .values([{"kind": new.kind, "name": new.name, "sha256": new.sha256,
+                          "size_bytes": new.size_bytes, "uri": new.uri, "format": new.format,
+                          "metadata": dict(new.metadata), "created_at": self.now}
+                         for new in chunk])
+                .on_conflict_do_nothing(index_elements=["sha256"])
+                .returning(table.c.sha256)
+            )
+            self.new_artifacts.update(self.session.scalars(statement))
+        self.known_artifacts({new.sha256 for new in missing}, set())
+        for sha, new in wanted.items():
+            size = self.artifacts[sha][1]
+            if size != new.size_bytes:
+                raise ArtifactConflict(
+                    f"sha256 {sha} is registered with {size} bytes, not {new.size_bytes}")
+
+    def resolve(self, ref: int | str, available: set[str]) -> int:
+        """An artifact reference as an id; a sha256 must be available at this point."""
+        if isinstance(ref, str):
+            sha = check_sha256(ref)
+            if sha not in available:
+                raise ArtifactNotFound(f"no artifact with sha256 {sha} registered yet")
+            return self.artifacts[sha][0]
+        if ref not in self.known_ids:
+            raise ArtifactNotFound(f"no artifact with id {ref}")
+        return ref
+
+
+def record_runs(registry: Registry, records: Sequence[RunRecord]) -> list[int]:
+    """Store ``records`` as ended runs with their edges, outputs, metrics and ledger links, in
+    one transaction; returns the new run ids in the order of ``records``."""
+    if not records:
+        return []
+    # The registry's own write path: the chain lock (and SQLite's BEGIN IMMEDIATE) is held
+    # from the first statement to the commit.
+    with registry._write() as (session, _chain):
+        return _record(session, records)
+
+
+def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
+    batch = _Batch(session, records)
+    refs = [ref for record in records for ref, _ in record.inputs]
+    metric_refs = [ref for record in records for metric in record.metrics
+                   for ref in (metric.artifact_id, metric.dataset_artifact_id) if ref is not None]
+    batch.known_artifacts(
+        {check_sha256(ref) for ref in refs if isinstance(ref, str)}
+        | {m.artifact_sha256 for r in records for m in r.metrics if m.artifact_sha256},
+        {ref for ref in [*refs, *metric_refs] if isinstance(ref, int)})
+    available = set(batch.artifacts)  # registered before the batch
+    batch.upsert_outputs()
+
+    host, user = socket.gethostname(), _current_user()
+    run_ids = _insert(session, RunRow.__table__, [
+        {"job_id": r.job_id, "kind": r.kind, "name": r.name, "recipe": dict(r.recipe),
+         "recipe_sha256": json_sha256(r.recipe), "plugins": dict(r.plugins),
+         "versions": dict(r.versions), "details": {}, "flow_run_id": r.flow_run_id,
+         "host": host, "started_by": user, "started_at": batch.now} for r in records])
+
+    # Per run, in the order the per-run calls write them; ids are filled in table by table.
+    edges: list[dict[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
+    plan: list[list[tuple[str, Any]]] = []
+    chained_artifacts: set[str] = set()
+    for record, run_id in zip(records, run_ids, strict=True):
+        steps: list[tuple[str, Any]] = [("runs", run_id)]
+        for artifact_id, role in dict.fromkeys(
+                (batch.resolve(ref, available), role) for ref, role in record.inputs):
+            steps.append(("run_edges", len(edges)))
+            edges.append({"run_id": run_id, "artifact_id": artifact_id, "direction": "input",
+                          "role": role})
+        outputs: dict[tuple[int, str], None] = {}
+        for output in record.outputs:
+            if output.sha256 in batch.new_artifacts and output.sha256 not in chained_artifacts:
+                chained_artifacts.add(output.sha256)
+                steps.append(("artifacts", batch.artifacts[output.sha256][0]))
+            available.add(output.sha256)
+            outputs[(batch.artifacts[output.sha256][0], output.role)] = None
+        for artifact_id, role in outputs:
+            steps.append(("run_edges", len(edges)))
+            edges.append({"run_id": run_id, "artifact_id": artifact_id, "direction": "output",
+                          "role": role})
+        for metric in record.metrics:
+            steps.append(("metrics", len(metrics)))
+            metrics.append(_metric_values(batch, run_id, metric, available))
+        plan.append(steps)
+
+    edge_ids = _insert(session, RunEdgeRow.__table__, edges)
+    metric_ids = _insert(session, MetricRow.__table__, metrics)
+    completion_ids = _insert(session, RunCompletionRow.__table__, [
+        {"run_id": run_id, "status": "failed" if r.error is not None else "succeeded",
+         "details": {} if r.error is not None else dict(r.details), "error": r.error,
+         "finished_at": batch.now} for r, run_id in zip(records, run_ids, strict=True)])
+    positions = {"run_edges": edge_ids, "metrics": metric_ids}
+    links = [(kind, positions[kind][ref] if kind in positions else ref)
+             for steps, completion_id in zip(plan, completion_ids, strict=True)
+             for kind, ref in [*steps, ("run_completions", completion_id)]]
+    _chain(session, links)
+    return run_ids
+
+
+def _metric_values(batch: _Batch, run_id: int, metric: NewMetric,
+                   available: set[str]) -> dict[str, Any]:
+    """A metric's row values with its artifact references resolved (unknown ones raise)."""
+    if metric.artifact_sha256 is not None:
+        artifact_id = batch.resolve(metric.artifact_sha256, available)
+    elif metric.artifact_id is not None:
+        artifact_id = batch.resolve(metric.artifact_id, available)
+    else:  # NewMetric.__post_init__ already refuses this
+        raise ValueError(f"metric {metric.name!r} names no artifact")
+    if metric.dataset_artifact_id is not None:
+        batch.resolve(metric.dataset_artifact_id, available)
+    return {"run_id": run_id, "artifact_id": artifact_id, "evaluator": metric.evaluator,
+            "dataset_artifact_id": metric.dataset_artifact_id, "name": metric.name,
+            "value": metric.value, "unit": metric.unit, "protocol": dict(metric.protocol),
+            "protocol_sha256": json_sha256(metric.protocol), "supersedes_id": None,
+            "created_at": batch.now}
+
+
+def _chain(session: Session, links: list[tuple[str, int]]) -> None:
+    """Append a ledger link for every ``(table, id)``, in order, from the chain's tail.
+
+    The payloads are read back from the database, as ``ChainWriter.append`` does, so they hash
+    to what ``verify`` will read later; the caller holds the chain lock (``Registry._write``).
+    """
+    payloads: dict[tuple[str, int], str] = {}
+    for kind in {kind for kind, _ in links}:
+        table = CHAINED_TABLES[kind].__table__
+        ids = sorted(record_id for k, record_id in links if k == kind)
+        for chunk in _chunks(ids, READ_CHUNK):
+            for row in session.execute(select(table).where(table.c.id.in_(chunk))):
+                payloads[(kind, row.id)] = payload_text(row_payload(table, row))
+    seq, prev = tail(session)
+    ledger = []
+    for kind, record_id in links:
+        text_ = payloads[(kind, record_id)]
+        record_sha = sha256_text(text_)
+        seq += 1
+        link_hash = entry_hash(prev, seq, kind, record_id, record_sha)
+        ledger.append({"seq": seq, "record_type": kind, "record_id": record_id,
+                       "payload": text_, "record_sha256": record_sha, "prev_hash": prev,
+                       "entry_hash": link_hash, "created_at": utcnow()})
+        prev = link_hash
+    session.execute(insert(LedgerRow.__table__), ledger)
