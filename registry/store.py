@@ -646,18 +646,32 @@ class Registry:
             raise RegistryError("a correction needs a reason")
         with self._write() as (session, chain):
             self._check_target(session, target_type, target_id)
-            row = CorrectionRow(
-                target_type=target_type,
-                target_id=target_id,
-                changes=dict(changes),
-                reason=reason,
-                author=author or _current_user(),
-                created_at=utcnow(),
-            )
-            session.add(row)
-            session.flush()
-            chain.append("corrections", row.id)
+            row = self._add_correction(session, chain, target_type, target_id, changes, reason,
+                                       author)
             return correction_entity(row)
+
+    @staticmethod
+    def _add_correction(
+        session: Session,
+        chain: ChainWriter,
+        target_type: str,
+        target_id: int,
+        changes: dict[str, Any],
+        reason: str,
+        author: str | None,
+    ) -> CorrectionRow:
+        row = CorrectionRow(
+            target_type=target_type,
+            target_id=target_id,
+            changes=dict(changes),
+            reason=reason,
+            author=author or _current_user(),
+            created_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        chain.append("corrections", row.id)
+        return row
 
     def correct_metric(
         self, metric_id: int, value: float, reason: str, author: str | None = None
@@ -693,17 +707,8 @@ class Registry:
             session.add(new)
             session.flush()
             chain.append("metrics", new.id)
-            note = CorrectionRow(
-                target_type="metric",
-                target_id=old.id,
-                changes={"value": checked.value, "superseded_by": new.id},
-                reason=reason,
-                author=author or _current_user(),
-                created_at=utcnow(),
-            )
-            session.add(note)
-            session.flush()
-            chain.append("corrections", note.id)
+            self._add_correction(session, chain, "metric", old.id,
+                                 {"value": checked.value, "superseded_by": new.id}, reason, author)
             return metric_entity(new)
 
     def corrections_for(self, target_type: str, target_id: int) -> list[Correction]:
