@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
+from quantmill.flows.api_limits import BodyLimit
 from quantmill.flows.api_routes import auditor, public, reader, writer
 from quantmill.registry import (
     AmbiguousReference,
@@ -118,6 +119,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
         app.add_exception_handler(driver_error, _database_error)
     for router in (public, reader, auditor, writer):
         app.include_router(router)
+    app.add_middleware(BodyLimit)  # before FastAPI parses any body, the token check included
     return app
 
 

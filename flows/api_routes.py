@@ -241,8 +241,8 @@ def verify(
     """Check the ledger: every link, and every record against its chained copy (the stored
     files are not re-hashed here: use `quantmill registry verify --files` next to the store)."""
     report = registry.verify(expected_head=expected_head)
-    entries, head_hash = registry.head()
-    return {**report.to_json(), "head": {"entries": entries, "hash": head_hash}}
+    # the head the check itself reached (a second query could see a newer one)
+    return {**report.to_json(), "head": {"entries": report.entries, "hash": report.head_hash}}
 
 
 # --- writers -----------------------------------------------------------------------------------

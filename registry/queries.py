@@ -42,7 +42,9 @@ MAX_TEXT = 1000
 Operator = Literal["<", "<=", ">", ">=", "="]
 OPERATORS: tuple[str, ...] = get_args(Operator)
 METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_FILTER_RE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(<=|>=|<|>|=)\s*(.*?)\s*$")
+_FILTER_RE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(<=|>=|<|>|=)\s*(\S+)\s*$")
+#: Longer metric filters are refused before any matching (and never echoed back whole).
+MAX_FILTER_LENGTH = 200
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 
 T = TypeVar("T")
@@ -80,6 +82,9 @@ class MetricFilter:
 
 def parse_metric_filter(text: str) -> MetricFilter:
     """``"perplexity<=30.5"`` -> ``MetricFilter("perplexity", "<=", 30.5)``."""
+    if isinstance(text, str) and len(text) > MAX_FILTER_LENGTH:
+        raise InvalidQuery(f"invalid metric filter: longer than {MAX_FILTER_LENGTH} characters "
+                           f"(starts {text[:40]!r})")
     found = _FILTER_RE.match(text) if isinstance(text, str) else None
     if found is None:
         raise InvalidQuery(
@@ -116,7 +121,10 @@ def _utc(label: str, value: datetime | None) -> datetime | None:
     if not isinstance(value, datetime):
         raise InvalidQuery(f"{label} must be a datetime, got {value!r}")
     # The registry stores UTC; SQLite compares the stored text, so compare in UTC wall time.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidQuery(f"{label} is out of range: {value.isoformat()}") from None
 
 
 def check_reference(label: str, ref: int | str) -> int | str:

@@ -63,24 +63,42 @@ def _text(where: str, value: Any, table: Table | None, column: str | None,
         raise InvalidRun(f"{where} must not be empty")
     if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it on SQLite alike
         raise InvalidRun(f"{where} contains a NUL character")
+    _utf8(where, value)
     if table is not None and column is not None:
         limit = max_length(table, column)
         if len(value) > limit:
             raise InvalidRun(f"{where} has {len(value)} characters; at most {limit} are allowed")
 
 
-def _json(where: str, value: Any) -> None:
+def _utf8(where: str, value: str) -> None:
+    """Refuse lone surrogates: they cannot be stored or hashed as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRun(f"{where} is not valid Unicode text (a lone surrogate)") from None
+
+
+#: Nesting deeper than this is refused (the canonical JSON encoder recurses).
+MAX_JSON_DEPTH = 64
+
+
+def _json(where: str, value: Any, depth: int = 0) -> None:
     """Refuse what the JSON columns and the ledger's canonical JSON cannot hold."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRun(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        _utf8(where, value)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidRun(f"{where} is {value!r}: NaN and infinities are not JSON")
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidRun(f"{where} has a non-string key {key!r}")
-            _json(f"{where}.{key}", item)
+            _utf8(f"{where} key", key)
+            _json(f"{where}.{key}", item, depth + 1)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _json(f"{where}[{index}]", item)
+            _json(f"{where}[{index}]", item, depth + 1)
     elif not isinstance(value, str | int | float | bool | type(None)):
         raise InvalidRun(f"{where} holds a {type(value).__name__}, which is not JSON")
 

@@ -739,5 +739,9 @@ class Registry:
     ) -> VerifyReport:
         """Recompute the chain, compare every record with its chained copy and, given
         ``rehash``, every artifact's stored content with its registered hash."""
-        with self._transaction() as session:
+        with self._sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                # one snapshot for the whole check: a run committed mid-walk must not look like
+                # a row written around the ledger
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return verify(session, rehash, expected_head)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from quantmill.registry.chain import GENESIS, entry_hash, row_payload, sha256_text
+from quantmill.registry.chain import GENESIS, entry_hash, payload_text, row_payload, sha256_text
 from quantmill.registry.models import CHAINED_TABLES, ArtifactRow, LedgerRow
 
 #: Links read per query: memory stays flat on a registry of any size.
@@ -82,7 +82,7 @@ def _field_diff(chained: dict[str, Any], current: dict[str, Any]) -> str:
     parts = [
         f"{name}: chained {chained.get(name)!r}, now {current.get(name)!r}"
         for name in changed
-        if chained.get(name) != current.get(name)
+        if payload_text({"v": chained.get(name)}) != payload_text({"v": current.get(name)})
     ]
     return "; ".join(parts) or "content differs (same fields)"
 
@@ -122,8 +122,9 @@ def verify_chain(session: Session, report: VerifyReport) -> None:
             report.problems.append(Problem("deleted", record, f"chained at {where}, now gone"))
             continue
         current = row_payload(table, row)
-        chained = json.loads(link.payload)
-        if current != chained:
+        # compared as canonical text: as dicts, 4 == 4.0 == True would hide a changed type
+        if payload_text(current) != link.payload:
+            chained = json.loads(link.payload)
             report.problems.append(Problem("changed", record, _field_diff(chained, current)))
     report.head_hash = prev
     for name, table in tables.items():

@@ -208,6 +208,34 @@ def test_malformed_authorization_headers_are_refused(world: World, header: str) 
     assert_unchanged(world.registry, before)
 
 
+def test_oversized_and_over_nested_bodies_are_refused(world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body cap applies before FastAPI parses anything, so before the token check: a
+    stranger cannot make the server buffer a huge body. Deep JSON is refused by name."""
+    from quantmill.flows import api_limits
+
+    before = state(world.registry)
+    big = b"{" + b" " * (api_limits.MAX_BODY_BYTES + 1) + b"}"
+    for token in (None, world.writer):
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        response = world.client.post("/runs", content=big, headers=headers)
+        assert response.status_code == 413
+        assert "request body larger than" in response.json()["detail"]
+    nested: Any = 1
+    for _ in range(200):
+        nested = {"a": nested}
+    response = world.post_run(remote_run(world.base.id, recipe=nested), world.writer)
+    assert response.status_code == 422 and "nested deeper than" in response.json()["detail"]
+    # a lone surrogate, escaped in the JSON text (it cannot be encoded raw)
+    escaped = json.dumps(remote_run(world.base.id, name="bad \ud800"))
+    response = world.client.post("/runs", content=escaped, headers={
+        **bearer(world.writer), "Content-Type": "application/json"})
+    assert response.status_code == 422 and "name" in response.json()["detail"]
+    assert_unchanged(world.registry, before)
+
+
 @pytest.mark.parametrize("token", ["qm_unknown", "qm_" + "A" * 43, "not-ours", "' OR 1=1 --",
                                    "qm_%", "x" * 5000])
 def test_unknown_tokens_are_refused(world: World, token: str) -> None:

@@ -216,3 +216,14 @@ def test_migration_0002_keeps_and_chains_existing_history(db_url: str) -> None:
     finally:
         engine.dispose()
     assert [tuple(r) for r in rows] == [(1, "failed", "boom"), (2, "running", None)]
+
+
+def test_verify_sees_a_changed_type(registry: Registry, db_url: str, backend: str) -> None:
+    """4 -> 4.0 or true -> 1 compare equal in Python but change what searches find: verify
+    compares canonical text, not dicts."""
+    ids = _history(registry)
+    _drop_guards(db_url, backend)
+    _sql(db_url, f"UPDATE runs SET recipe = '{{\"bits\": 4.0}}' WHERE id = {ids['run']}")
+    problems = registry.verify().problems
+    assert [(p.kind, p.record) for p in problems] == [("changed", f"runs #{ids['run']}")]
+    assert "recipe: chained {'bits': 4}, now {'bits': 4.0}" in problems[0].detail

@@ -438,3 +438,15 @@ def test_sqlite_and_postgresql_give_identical_answers(
         }))
     assert answers[0] == answers[1]
     assert answers[0]["pages"][1]["total"] == 4
+
+
+def test_out_of_range_dates_and_long_metric_filters_are_refused() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from quantmill.registry.queries import ArtifactQuery, parse_metric_filter
+
+    late = datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5)))
+    with pytest.raises(InvalidQuery, match="out of range"):
+        ArtifactQuery(created_after=late)
+    with pytest.raises(InvalidQuery, match="longer than 200 characters"):
+        parse_metric_filter("a=x" + " " * 5000 + "\ny")

@@ -161,3 +161,19 @@ def test_unknown_inputs_and_conflicting_outputs_store_nothing(registry: Registry
     with pytest.raises(ArtifactConflict):
         record_run(registry, conflicting, "token:w")
     assert counts(registry) == before
+
+
+def test_lone_surrogates_and_deep_nesting_are_refused_before_sql() -> None:
+    """What cannot be stored or hashed as UTF-8 JSON is refused by name (the API's models
+    catch it too; record_run is also called directly by workers and scripts)."""
+    from quantmill.registry.remote import MAX_JSON_DEPTH, InvalidRun, _json
+
+    with pytest.raises(InvalidRun, match="lone surrogate"):
+        _json("recipe", {"name": "bad \ud800"})
+    with pytest.raises(InvalidRun, match="lone surrogate"):
+        _json("recipe", {"bad \udfff": 1})
+    nested: object = 1
+    for _ in range(MAX_JSON_DEPTH + 2):
+        nested = [nested]
+    with pytest.raises(InvalidRun, match="nested deeper than"):
+        _json("details", nested)
