@@ -81,11 +81,14 @@ def is_sqlite_memory(url: str | URL) -> bool:
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
-def _sqlite_pragmas(foreign_keys: bool) -> Any:
+def _sqlite_pragmas(foreign_keys: bool, wal: bool) -> Any:
     """A connect listener that applies quantmill's per-connection SQLite settings.
 
     Why per connection: SQLite forgets PRAGMAs when a connection closes, and foreign keys are off
-    by default, which would silently accept edges to missing runs or artifacts.
+    by default, which would silently accept edges to missing runs or artifacts. ``wal``: a file
+    database runs in write-ahead-log mode, so a long reader (``verify`` over a large chain, the
+    API's queries) never blocks a writer and a writer's commit is one append, not a journal
+    rewrite (the mode is stored in the file; setting it again is a no-op).
     """
 
     def on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
@@ -97,6 +100,8 @@ def _sqlite_pragmas(foreign_keys: bool) -> Any:
         try:
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
         finally:
             cursor.close()
 
@@ -139,7 +144,8 @@ def create_registry_engine(
         kwargs["pool_pre_ping"] = True
     engine = create_engine(resolved, **kwargs)
     if is_sqlite(resolved):
-        event.listen(engine, "connect", _sqlite_pragmas(sqlite_foreign_keys))
+        wal = not is_sqlite_memory(resolved)
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_foreign_keys, wal))
         event.listen(engine, "begin", _sqlite_begin)
     return engine
 

@@ -77,3 +77,28 @@ def test_sqlite_enforces_foreign_keys(tmp_path: Path) -> None:
             connection.execute(text("INSERT INTO child (id, p) VALUES (1, 42)"))
     finally:
         engine.dispose()
+
+
+def test_sqlite_file_runs_in_wal_mode_so_a_long_reader_never_blocks_a_writer(
+    tmp_path: Path,
+) -> None:
+    """A verify or API read holding its snapshot must not make writers time out."""
+    from quantmill.registry import Registry
+
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    with Registry.open(url) as registry:
+        registry.upsert_artifact(kind="model", name="a", sha256="a" * 64, size_bytes=1,
+                                 uri="file:///a", format="raw")
+        reader = create_registry_engine(url)
+        try:
+            with reader.begin() as connection:  # a reader's open snapshot
+                assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+                assert connection.execute(text("SELECT COUNT(*) FROM artifacts")).scalar() == 1
+                registry.upsert_artifact(kind="model", name="b", sha256="b" * 64,
+                                         size_bytes=1, uri="file:///b", format="raw")
+                # the snapshot still sees one; the writer committed meanwhile
+                assert connection.execute(text("SELECT COUNT(*) FROM artifacts")).scalar() == 1
+        finally:
+            reader.dispose()
+        assert len(registry.list_artifacts()) == 2
+        assert registry.verify().ok
