@@ -131,11 +131,14 @@ class _Batch:
             )
             self.new_artifacts.update(self.session.scalars(statement))
         self.known_artifacts({new.sha256 for new in missing}, set())
-        for sha, new in wanted.items():
-            size = self.artifacts[sha][1]
-            if size != new.size_bytes:
-                raise ArtifactConflict(
-                    f"sha256 {sha} is registered with {size} bytes, not {new.size_bytes}")
+        # every output, not only the first of each sha256: a later duplicate in the batch with
+        # another size is the same caller bug the per-run path refuses
+        for record in self.records:
+            for output in record.outputs:
+                size = self.artifacts[output.sha256][1]
+                if size != output.size_bytes:
+                    raise ArtifactConflict(f"sha256 {output.sha256} is registered with {size} "
+                                           f"bytes, not {output.size_bytes}")
 
     def resolve(self, ref: int | str, available: set[str]) -> int:
         """An artifact reference as an id; a sha256 must be available at this point."""

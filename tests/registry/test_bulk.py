@@ -118,7 +118,8 @@ def test_bulk_stores_what_the_per_run_calls_store(
     assert set(bulk.upstream(ckpt).depths.values()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("bad", ["unknown input", "input not yet made", "size conflict"])
+@pytest.mark.parametrize("bad", ["unknown input", "input not yet made", "size conflict",
+                                 "size conflict within the batch"])
 def test_a_bad_record_stores_nothing(registry: Registry, bad: str) -> None:
     ids = roots(registry)
     records = history(ids)
@@ -130,11 +131,18 @@ def test_a_bad_record_stores_nothing(registry: Registry, bad: str) -> None:
         records.insert(0, RunRecord(job_id="j", kind="k", name="n", recipe={}, plugins={},
                                     versions={}, inputs=[(sha("ckpt-2"), "model")]))
         error = ArtifactNotFound
-    else:
+    elif bad == "size conflict":
         records.append(RunRecord(job_id="j", kind="k", name="n", recipe={}, plugins={},
                                  versions={}, outputs=[NewArtifact(
                                      kind="checkpoint", name="x", sha256=sha("base"),
                                      size_bytes=999, uri="u", format="raw", role="r")]))
+        error = ArtifactConflict
+    else:  # two new outputs with one sha256 and different sizes, both inside the batch
+        for size in (10, 11):
+            records.append(RunRecord(job_id="j", kind="k", name="n", recipe={}, plugins={},
+                                     versions={}, outputs=[NewArtifact(
+                                         kind="report", name="x", sha256=sha("twin"),
+                                         size_bytes=size, uri="u", format="raw", role="r")]))
         error = ArtifactConflict
     before = registry.head()
     with pytest.raises(error):
