@@ -17,15 +17,12 @@ from typing import Any
 
 import pytest
 from prov.model import ProvActivity, ProvDocument, ProvEntity
-from sqlalchemy import text
 from typer.testing import CliRunner
 
 from quantmill.flows.cli import app
 from quantmill.registry import NewArtifact, NewMetric, Registry
 from quantmill.registry import migrate as migrate_module
-from quantmill.registry.db import create_registry_engine
 from quantmill.registry.export import check_lineage_json
-from quantmill.registry.models import APPEND_ONLY_TABLES
 
 runner = CliRunner()
 
@@ -40,6 +37,7 @@ def _load(path: Path) -> ModuleType:
 
 
 _REGISTRY_CONFTEST = _load(Path(__file__).parents[1] / "registry" / "conftest.py")
+tamper = _REGISTRY_CONFTEST.tamper  # raw database access, shared with the registry tests
 
 
 @pytest.fixture(params=_REGISTRY_CONFTEST.BACKENDS)
@@ -69,25 +67,6 @@ def cli(*args: str, code: int = 0) -> Any:
 
 def cli_json(*args: str, code: int = 0) -> Any:
     return json.loads(cli(*args, "--json", code=code).stdout)
-
-
-def _sql(url: str, statement: str) -> None:
-    engine = create_registry_engine(url, pooled=False)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-def _drop_guards(url: str, backend: str) -> None:
-    """What someone with database access would do first (as in tests/registry/test_chain.py)."""
-    for table in APPEND_ONLY_TABLES:
-        if backend == "postgresql":
-            _sql(url, f"DROP TRIGGER {table}_append_only ON {table}")
-        else:
-            _sql(url, f"DROP TRIGGER {table}_no_update")
-            _sql(url, f"DROP TRIGGER {table}_no_delete")
 
 
 def fill(url: str, tmp_path: Path) -> dict[str, int]:
@@ -277,13 +256,13 @@ def test_verify_intact_and_anchored(db_url: str, tmp_path: Path) -> None:
     assert "--expect-head: 'abc' is not a sha256" in result.stderr
 
 
-def test_verify_fails_after_tampering(db_url: str, backend: str, tmp_path: Path) -> None:
+def test_verify_fails_after_tampering(db_url: str, tamper: Any, tmp_path: Path) -> None:
     ids = fill(db_url, tmp_path)
     url = ("--database-url", db_url)
-    _drop_guards(db_url, backend)
+    tamper.drop_guards()
     cli("registry", "verify", *url)  # dropping the guards alone changes no record
-    _sql(db_url, f"UPDATE metrics SET value = 1.0 WHERE id = {ids['metric']}")
-    _sql(db_url, f"UPDATE runs SET started_by = 'mallory' WHERE id = {ids['run-ck-rtn4']}")
+    tamper.sql(f"UPDATE metrics SET value = 1.0 WHERE id = {ids['metric']}")
+    tamper.sql(f"UPDATE runs SET started_by = 'mallory' WHERE id = {ids['run-ck-rtn4']}")
     result = cli("registry", "verify", *url, code=1)
     assert f"metrics #{ids['metric']}" in result.stdout
     assert "value: chained 34.5, now 1.0" in result.stdout

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from quantmill.registry import Registry
+from quantmill.registry.db import create_registry_engine
+from quantmill.registry.models import APPEND_ONLY_TABLES
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 PG_URL_TEMPLATE = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -112,3 +115,34 @@ def open_registry(databases: Databases) -> Iterator[Callable[[str], Registry]]:
     yield _open
     for registry in opened:
         registry.close()
+
+
+class Tamper:
+    """What someone with direct access to the database could do: raw SQL, and first of all
+    dropping the append-only triggers (for the tests of tamper evidence)."""
+
+    def __init__(self, url: str, backend: str) -> None:
+        self.url, self.backend = url, backend
+
+    def sql(self, statement: str) -> None:
+        """Run one statement in its own transaction, around quantmill's registry."""
+        engine = create_registry_engine(self.url, pooled=False)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def drop_guards(self) -> None:
+        for table in APPEND_ONLY_TABLES:
+            if self.backend == "postgresql":
+                self.sql(f"DROP TRIGGER {table}_append_only ON {table}")
+            else:
+                self.sql(f"DROP TRIGGER {table}_no_update")
+                self.sql(f"DROP TRIGGER {table}_no_delete")
+
+
+@pytest.fixture
+def tamper(db_url: str, backend: str) -> Tamper:
+    """Raw access to the current test's database."""
+    return Tamper(db_url, backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -13,7 +14,6 @@ from sqlalchemy.exc import DatabaseError
 from quantmill.registry import NewArtifact, NewMetric, Registry, RegistryError, RunStateError
 from quantmill.registry import migrate as migrate_module
 from quantmill.registry.db import create_registry_engine
-from quantmill.registry.models import APPEND_ONLY_TABLES
 
 
 def _sha(text_: str) -> str:
@@ -40,25 +40,6 @@ def _history(reg: Registry) -> dict[str, int]:
             "out": reg.get_artifact(_sha("out")).id}
 
 
-def _sql(url: str, statement: str) -> None:
-    engine = create_registry_engine(url, pooled=False)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-def _drop_guards(url: str, backend: str) -> None:
-    """What an attacker with database access would do first: remove the triggers."""
-    for table in APPEND_ONLY_TABLES:
-        if backend == "postgresql":
-            _sql(url, f"DROP TRIGGER {table}_append_only ON {table}")
-        else:
-            _sql(url, f"DROP TRIGGER {table}_no_update")
-            _sql(url, f"DROP TRIGGER {table}_no_delete")
-
-
 def test_every_record_is_chained_and_verifies(registry: Registry) -> None:
     ids = _history(registry)
     count, head = registry.head()
@@ -81,18 +62,18 @@ def test_every_record_is_chained_and_verifies(registry: Registry) -> None:
     "UPDATE ledger SET payload = '{}'",
     "DELETE FROM ledger",
 ])
-def test_tables_refuse_update_and_delete(registry: Registry, db_url: str, statement: str) -> None:
+def test_tables_refuse_update_and_delete(registry: Registry, tamper: Any, statement: str) -> None:
     _history(registry)
     with pytest.raises(DatabaseError, match="append-only"):
-        _sql(db_url, statement)
+        tamper.sql(statement)
     assert registry.verify().ok
 
 
-def test_verify_names_changed_fields(registry: Registry, db_url: str, backend: str) -> None:
+def test_verify_names_changed_fields(registry: Registry, tamper: Any) -> None:
     ids = _history(registry)
-    _drop_guards(db_url, backend)
-    _sql(db_url, f"UPDATE metrics SET value = 29.0 WHERE id = {ids['metric']}")
-    _sql(db_url, f"UPDATE runs SET started_by = 'mallory' WHERE id = {ids['run']}")
+    tamper.drop_guards()
+    tamper.sql(f"UPDATE metrics SET value = 29.0 WHERE id = {ids['metric']}")
+    tamper.sql(f"UPDATE runs SET started_by = 'mallory' WHERE id = {ids['run']}")
     report = registry.verify()
     found = {(p.kind, p.record): p.detail for p in report.problems}
     assert found[("changed", f"metrics #{ids['metric']}")] == "value: chained 31.25, now 29.0"
@@ -102,25 +83,25 @@ def test_verify_names_changed_fields(registry: Registry, db_url: str, backend: s
 
 
 def test_verify_finds_deleted_and_slipped_in_rows(
-    registry: Registry, db_url: str, backend: str
+    registry: Registry, tamper: Any
 ) -> None:
     ids = _history(registry)
-    _drop_guards(db_url, backend)
-    _sql(db_url, f"DELETE FROM metrics WHERE id = {ids['metric']}")
-    _sql(db_url, "INSERT INTO corrections (target_type, target_id, changes, reason, author, "
+    tamper.drop_guards()
+    tamper.sql(f"DELETE FROM metrics WHERE id = {ids['metric']}")
+    tamper.sql("INSERT INTO corrections (target_type, target_id, changes, reason, author, "
                  "created_at) VALUES ('run', 1, '{}', 'x', 'mallory', '2026-01-01 00:00:00')")
     kinds = {(p.kind, p.record) for p in registry.verify().problems}
     assert ("deleted", f"metrics #{ids['metric']}") in kinds
     assert ("unchained", "corrections #1") in kinds
 
 
-def test_verify_detects_a_rewritten_ledger(registry: Registry, db_url: str, backend: str) -> None:
+def test_verify_detects_a_rewritten_ledger(registry: Registry, tamper: Any) -> None:
     ids = _history(registry)
     _, head = registry.head()
-    _drop_guards(db_url, backend)
+    tamper.drop_guards()
     # Edit a record and its chained copy consistently: the copy's hash no longer matches.
-    _sql(db_url, f"UPDATE metrics SET value = 1.0 WHERE id = {ids['metric']}")
-    _sql(db_url, "UPDATE ledger SET payload = replace(payload, '31.25', '1.0') "
+    tamper.sql(f"UPDATE metrics SET value = 1.0 WHERE id = {ids['metric']}")
+    tamper.sql("UPDATE ledger SET payload = replace(payload, '31.25', '1.0') "
                  "WHERE record_type = 'metrics'")
     problems = registry.verify().problems
     assert any(p.kind == "chain" and "sha256" in p.detail for p in problems), problems
@@ -184,19 +165,19 @@ def test_corrections_append_and_metrics_supersede(registry: Registry) -> None:
     assert registry.verify().ok
 
 
-def test_migration_0002_keeps_and_chains_existing_history(db_url: str) -> None:
+def test_migration_0002_keeps_and_chains_existing_history(db_url: str, tamper: Any) -> None:
     """A registry written by 0001 (runs updated in place) upgrades to completions and a valid
     chain, and downgrades back without losing the run's outcome."""
     migrate_module.upgrade(db_url, "0001")
     now = "'2026-11-01 10:00:00'"
-    _sql(db_url, "INSERT INTO artifacts (kind, name, sha256, size_bytes, uri, format, metadata, "
+    tamper.sql("INSERT INTO artifacts (kind, name, sha256, size_bytes, uri, format, metadata, "
                  f"created_at) VALUES ('model', 'base', '{_sha('b')}', 1, 'file:///b', 'hf', "
                  f"'{{}}', {now})")
-    _sql(db_url, "INSERT INTO runs (job_id, kind, name, status, recipe, recipe_sha256, plugins, "
+    tamper.sql("INSERT INTO runs (job_id, kind, name, status, recipe, recipe_sha256, plugins, "
                  "versions, details, host, started_by, started_at, finished_at, error) VALUES "
                  f"('j', 'quantize', 'q', 'failed', '{{}}', '{_sha('r')}', '{{}}', '{{}}', "
                  f"'{{\"x\": 1}}', 'h', 'u', {now}, {now}, 'boom')")
-    _sql(db_url, "INSERT INTO run_edges (run_id, artifact_id, direction, role) "
+    tamper.sql("INSERT INTO run_edges (run_id, artifact_id, direction, role) "
                  "VALUES (1, 1, 'input', 'base_model')")
     migrate_module.upgrade(db_url)
     with Registry.open(db_url) as reg:
@@ -218,12 +199,12 @@ def test_migration_0002_keeps_and_chains_existing_history(db_url: str) -> None:
     assert [tuple(r) for r in rows] == [(1, "failed", "boom"), (2, "running", None)]
 
 
-def test_verify_sees_a_changed_type(registry: Registry, db_url: str, backend: str) -> None:
+def test_verify_sees_a_changed_type(registry: Registry, tamper: Any) -> None:
     """4 -> 4.0 or true -> 1 compare equal in Python but change what searches find: verify
     compares canonical text, not dicts."""
     ids = _history(registry)
-    _drop_guards(db_url, backend)
-    _sql(db_url, f"UPDATE runs SET recipe = '{{\"bits\": 4.0}}' WHERE id = {ids['run']}")
+    tamper.drop_guards()
+    tamper.sql(f"UPDATE runs SET recipe = '{{\"bits\": 4.0}}' WHERE id = {ids['run']}")
     problems = registry.verify().problems
     assert [(p.kind, p.record) for p in problems] == [("changed", f"runs #{ids['run']}")]
     assert "recipe: chained {'bits': 4}, now {'bits': 4.0}" in problems[0].detail
