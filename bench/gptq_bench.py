@@ -5,7 +5,9 @@ tokens from the WikiText-2 valid split, seed 0 (quantmill's ``text`` calibration
 token ids are fed to GPTQModel); perplexity over the first 40 non-overlapping 512-token windows
 of the test split (quantmill's ``perplexity`` evaluator, run on every checkpoint as written, with
 quantmill's reader, GPTQModel's checkpoints included). Asymmetric, desc_act off unless a row says
-otherwise.
+otherwise. Both tools compute in float32 (GPTQModel's own CPU default, bfloat16, has no hardware
+support on AVX2-only CPUs such as this one: 1398 s instead of 345 s), after one untimed GPTQModel
+warm-up run that builds its CPU packing extension.
 
 Each quantization runs in its own subprocess so its wall time and peak RSS are its own:
 ``quantize_s`` is the time from just before quantization to just after the checkpoint is saved
@@ -36,8 +38,12 @@ CACHE = Path(os.environ.get("QUANTMILL_BENCH_CACHE", Path.home() / ".cache" / "q
 DATA = REPO / "data" / "wikitext-2"
 RESULTS = REPO / "bench" / "results"
 
-# name -> (tool, settings). "gptqmodel settings" = desc_act off, damp 0.01, asymmetric.
+# name -> (tool, settings). "gptqmodel settings" = desc_act off, damp 0.01, asymmetric, with
+# quantmill's defaults otherwise (its Hessian-weighted range search and scale refit: algorithm,
+# not settings GPTQModel exposes under these names); "-plain" turns both off (the textbook
+# algorithm GPTQModel runs); "best" adds act-order with static groups and damp 0.001.
 BEST = {"desc_act": True, "static_groups": True, "mse_clip": True, "damp_percent": 0.001}
+PLAIN = {"mse_clip": False, "refit_scales": False}
 CONFIGS: dict[str, tuple[str, dict]] = {
     # each GPTQModel run sits next to quantmill's run of the same bits/group (fair timing)
     "rtn-w4g128": ("quantmill", {"method": "rtn", "bits": 4, "group_size": 128}),
@@ -46,10 +52,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "gptqmodel-w4g128": ("gptqmodel", {"bits": 4, "group_size": 128}),
     "gptq-w4g128-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 4,
                                                       "group_size": 128}),
+    "gptq-w4g128-gptqmodel-settings-plain": ("quantmill", {"method": "gptq", "bits": 4,
+                                                            "group_size": 128, **PLAIN}),
     "gptq-w4g128-best": ("quantmill", {"method": "gptq", "bits": 4, "group_size": 128, **BEST}),
     "gptqmodel-w3g128": ("gptqmodel", {"bits": 3, "group_size": 128}),
     "gptq-w3g128-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 3,
                                                       "group_size": 128}),
+    "gptq-w3g128-gptqmodel-settings-plain": ("quantmill", {"method": "gptq", "bits": 3,
+                                                            "group_size": 128, **PLAIN}),
     "gptq-w3g128-best": ("quantmill", {"method": "gptq", "bits": 3, "group_size": 128, **BEST}),
     "gptqmodel-w4g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptq-w4g64-gptqmodel-settings": ("quantmill", {"method": "gptq", "bits": 4,
@@ -153,6 +163,28 @@ def _dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
+# GPTQModel's "auto" dtype on CPU is bfloat16. This machine's CPU (AMD EPYC, AVX2) has no bf16
+# instructions: a bf16 matmul runs at about 1 GFLOP/s against 164 in float32, so GPTQModel took
+# 1398 s in bfloat16 here (bench/results/gptq-memory.md). Both tools run in float32.
+GPTQMODEL_DTYPE = os.environ.get("GPTQMODEL_DTYPE", "float32")
+_WARMED: list[bool] = []
+
+
+def _warm_up_gptqmodel(command: list[str], out_root: Path) -> None:
+    """One untimed 2-sample run before the first timed one: GPTQModel JIT-builds its CPU packing
+    extension on its first quantization on a machine (~20 s, inside ``quantize()``), and the
+    first import compiles its Python files."""
+    if _WARMED:
+        return
+    import shutil
+
+    scratch = out_root / "_gptqmodel-warmup"
+    shutil.rmtree(scratch, ignore_errors=True)
+    _subprocess_json([*command, "--limit-samples", "2", "--out", str(scratch)])
+    shutil.rmtree(scratch, ignore_errors=True)
+    _WARMED.append(True)
+
+
 def run_config(name: str, tool: str, settings: dict, calib: Path, windows: int,
                out_root: Path) -> dict:
     out = out_root / name
@@ -169,12 +201,14 @@ def run_config(name: str, tool: str, settings: dict, calib: Path, windows: int,
         venv_python = subprocess.run(["bash", str(REPO / "bench/envs/gptqmodel.sh")],
                                      capture_output=True, text=True, check=True
                                      ).stdout.strip().splitlines()[-1]
-        raw = _subprocess_json([
+        command = [
             venv_python, str(REPO / "bench/gptqmodel_runner.py"),
             "--model", str(CACHE / "smollm2-135m-hf"), "--calibration", str(calib),
             "--bits", str(settings["bits"]), "--group-size", str(settings["group_size"]),
             "--asym", "--no-desc-act", "--no-act-group-aware", "--damp", "0.01",
-            "--out", str(out)])
+            "--dtype", GPTQMODEL_DTYPE]
+        _warm_up_gptqmodel(command, out_root)
+        raw = _subprocess_json([*command, "--out", str(out)])
         stats = {"load_s": raw.get("load_seconds"), "quantize_s": raw["quantize_seconds"],
                  "peak_rss_mb": raw["peak_rss_mb_self"], "raw": raw}
     ppl = _subprocess_json([sys.executable, __file__, "--worker-perplexity", str(out),
@@ -202,6 +236,23 @@ def write_markdown(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _machine() -> str:
+    """CPU count, model and the vector extensions that decide float32/bfloat16 matmul speed."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
+    present = [f for f in wanted if f in flags]
+    return (f"{os.cpu_count()} CPUs ({model or 'unknown model'}; {', '.join(present) or 'no'} "
+            f"of {', '.join(wanted)}), torch threads default")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="config names (default: all)")
@@ -226,7 +277,7 @@ def main() -> int:
     names = args.only or [n for n, (tool, _) in CONFIGS.items()
                           if not (args.no_gptqmodel and tool == "gptqmodel")]
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-                     "machine": f"{os.cpu_count()} CPUs, torch threads default", "runs": [],
+                     "machine": _machine(), "runs": [],
                      "windows": args.windows}
     if not args.no_reference:
         results["fp32_reference"] = _subprocess_json(

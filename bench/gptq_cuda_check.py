@@ -49,11 +49,14 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     cuda = torch.device("cuda")
     catalog = Catalog(get_plugin_manager(load_entrypoints=False))
     options = dict(settings)
+    allocator_name = options.pop("allocator", "uniform")
+    allocator_options = options.pop("allocator_options", {})
     quantizer = build_plugin(catalog.quantizers, options.pop("method"), options, "check", REPO)
     source = GGUFSource()
     loaded = source.load_deferred(gguf, cuda)
     calibration = CalibrationSet(load_file(str(calib))["input_ids"], {})
-    allocator = catalog.bit_allocators.get("uniform")()
+    allocator = build_plugin(catalog.bit_allocators, allocator_name, allocator_options, "check",
+                             REPO)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -87,9 +90,17 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", help="configurations to run (default: every "
+                        "built-in one, or only the --config ones when there are any)")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra configuration: quantizer options with 'method', and "
+                        "optionally 'allocator' and 'allocator_options' (experiments)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    extra = [item.partition("=") for item in args.config]
+    CONFIGS.update({name: json.loads(text) for name, _, text in extra})
+    if args.only is None:
+        args.only = [name for name, _, _ in extra] or list(CONFIGS)
 
     import torch
 

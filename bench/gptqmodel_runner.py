@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model dtype while quantizing: auto (GPTQModel's choice), bfloat16, "
                              "float16 or float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--limit-samples", type=int, default=None,
+                        help="use only the first N calibration rows (warm-up runs)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     return parser.parse_args(argv)
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if ids.dtype != torch.int64 or ids.ndim != 2:
         raise SystemExit(f"{args.calibration}: input_ids must be int64 [N, L], "
                          f"got {ids.dtype} {tuple(ids.shape)}")
+    if args.limit_samples is not None:
+        ids = ids[: args.limit_samples]
     calibration = [{"input_ids": row.clone(), "attention_mask": torch.ones_like(row)}
                    for row in ids]
 

@@ -10,6 +10,8 @@ from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
     HessianAccumulator,
     gptq_quantize,
+    group_params,
+    hessian_error,
 )
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 
@@ -122,6 +124,61 @@ def test_mse_clip_lowers_error_at_3_bits() -> None:
         clip, _ = gptq_quantize(w, h, GPTQSettings(bits=3, group_size=64, mse_clip=True))
         errs.append((output_error(w, clip, x), output_error(w, base, x)))
     assert sum(c for c, _ in errs) < sum(b for _, b in errs)
+
+
+def test_range_search_keeps_each_rows_best_grid_factor() -> None:
+    """The in-place search equals a plain loop over the shrink factors, row by row."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=g)
+    w[3, 7] = 9.0  # an outlier: its row is better off clipped
+    importance = torch.rand(64, generator=g) + 0.1
+    scale, zero = group_params(w, 3, False, True, importance)
+    maxq = 7
+
+    def err(row, s, z):
+        q = torch.clamp(torch.round(row / s) + z, 0, maxq)
+        return float((((row - (q - z) * s) ** 2) * importance).sum())
+
+    for r in range(w.shape[0]):
+        row = w[r]
+        best = None
+        for step in range(0, 31):
+            p = 1.0 - step / 40
+            lo, hi = min(float(row.min()), 0.0) * p, max(float(row.max()), 0.0) * p
+            s = torch.tensor((hi - lo) / maxq).to(torch.float16).float()
+            z = torch.clamp(torch.round(-lo / s), 0, maxq)
+            e = err(row, s, z)
+            if best is None or e < best - 1e-6 * abs(best):
+                best = e
+        assert err(row, scale[r], zero[r]) == pytest.approx(best, rel=1e-5)
+    assert scale[3] < (w[3].max() - min(float(w[3].min()), 0.0)) / maxq  # the outlier row clipped
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("bits,group", [(3, 64), (4, 32), (2, -1)])
+def test_refit_scales_never_raises_and_usually_lowers_the_hessian_error(desc_act, bits, group):
+    totals = {False: 0.0, True: 0.0}
+    for seed in range(3):
+        w, x = correlated_layer(seed)
+        h = hessian_of(x)
+        for refit in (False, True):
+            qw, stats = gptq_quantize(w, h, GPTQSettings(bits=bits, group_size=group,
+                                                         desc_act=desc_act, refit_scales=refit))
+            totals[refit] += stats.hessian_error
+            if refit:
+                plain, _ = gptq_quantize(w, h, GPTQSettings(bits=bits, group_size=group,
+                                                            desc_act=desc_act))
+                # same integers, zero points and g_idx: only scales change (fp16 values, > 0)
+                assert torch.equal(qw.intweight, plain.intweight)
+                assert torch.equal(qw.zeros, plain.zeros) and torch.equal(qw.g_idx, plain.g_idx)
+                assert torch.equal(qw.scales, qw.scales.half().float()) and (qw.scales > 0).all()
+                # per row, never worse than GPTQ's own scales
+                for r in range(w.shape[0]):
+                    new_error, old_error = (
+                        hessian_error(w[r : r + 1], q, h, dequantized=q.dequantize()[r : r + 1])
+                        for q in (qw, plain))
+                    assert new_error <= old_error * (1 + 1e-4)
+    assert totals[True] < 0.97 * totals[False]
 
 
 @pytest.mark.parametrize("kwargs,message", [

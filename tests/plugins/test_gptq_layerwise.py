@@ -52,8 +52,9 @@ def reference_gptq(model, ids, bits, group):
             handle.remove()
             h = acc.hessian()
             for n in names:
-                qw, _ = gptq_quantize(modules[n].weight, h, GPTQSettings(bits=bits,
-                                                                          group_size=group))
+                # the plugin's defaults: range search and scale refit on
+                qw, _ = gptq_quantize(modules[n].weight, h, GPTQSettings(
+                    bits=bits, group_size=group, mse_clip=True, refit_scales=True))
                 modules[n].weight.data = qw.dequantize()
                 out[n] = qw
     return out

@@ -61,6 +61,7 @@ class LayerwiseOptions:
     damp_percent: float = 0.01
     block_size: int = 128
     mse_clip: bool = False
+    refit_scales: bool = False
     batch_size: int = 8
     #: dtype of the cached o_proj/down_proj inputs (see ``Workspace``); Hessians always see the
     #: float32 activations
@@ -240,7 +241,7 @@ class BlockQuantizer:
             settings = GPTQSettings(bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
                                     desc_act=o.desc_act, static_groups=o.static_groups,
                                     damp_percent=o.damp_percent, block_size=o.block_size,
-                                    mse_clip=o.mse_clip)
+                                    mse_clip=o.mse_clip, refit_scales=o.refit_scales)
             stacked = torch.cat([self.modules[n].weight for n in group])  # [sum(out), in]
             qw, stats = gptq_quantize(stacked, hessian, settings, measure_error=False)
             stacked[:, hessian.dead] = 0.0  # as GPTQ treats them, for the per-module error

@@ -13,6 +13,7 @@ Sample recipe section (GPTQModel's defaults, then quantmill's recommended additi
       damp_percent: 0.01   # of the mean Hessian diagonal; raised automatically if needed
       block_size: 128
       mse_clip: false      # search each group's clipping range (helps most at 3 bits)
+      refit_scales: false  # re-solve each row's scales for the chosen codes (Hessian norm)
       batch_size: 8        # calibration samples per forward pass
       activation_cache: bfloat16  # cached o_proj/down_proj inputs; float32 = exact, +1/3 memory
 """
@@ -37,7 +38,8 @@ class GPTQConfig(UniformSettings):
     static_groups: bool = False
     damp_percent: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=8, le=4096)
-    mse_clip: bool = False
+    mse_clip: bool = True
+    refit_scales: bool = True
     batch_size: int = Field(8, ge=1, le=1024)
     activation_cache: Literal["bfloat16", "float32"] = "bfloat16"
 
@@ -59,7 +61,8 @@ class GPTQQuantizer(RTNQuantizer):
         device = deferred.model_device(model)
         options = LayerwiseOptions(desc_act=c.desc_act, static_groups=c.static_groups,
                                    damp_percent=c.damp_percent, block_size=c.block_size,
-                                   mse_clip=c.mse_clip, batch_size=c.batch_size,
+                                   mse_clip=c.mse_clip, refit_scales=c.refit_scales,
+                                   batch_size=c.batch_size,
                                    activation_cache=getattr(torch, c.activation_cache),
                                    device=device)
         weights, stats = quantize_model_layerwise(model, plan.modules, calibration.input_ids,
@@ -70,6 +73,7 @@ class GPTQQuantizer(RTNQuantizer):
             "desc_act": c.desc_act,
             "static_groups": c.static_groups,
             "mse_clip": c.mse_clip,
+            "refit_scales": c.refit_scales,
             "activation_cache": c.activation_cache,
             "calibration_tokens": int(calibration.input_ids.numel()),
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
