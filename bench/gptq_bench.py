@@ -12,8 +12,7 @@ warm-up run that builds its CPU packing extension.
 Each quantization runs in its own subprocess so its wall time and peak RSS are its own:
 ``quantize_s`` is the time from just before quantization to just after the checkpoint is saved
 (model loading excluded, for both tools), ``peak_rss_mb`` the subprocess's ru_maxrss (model load
-included). Runs are sequential on the same machine; timings are single runs (n=1) unless
-``--repeat`` is given, in which case medians are reported.
+included). Runs are sequential on the same machine; timings are single runs (n=1).
 
     .venv/bin/python bench/gptq_bench.py                 # everything, ~1 hour on 2 cores
     .venv/bin/python bench/gptq_bench.py --only gptq-w4g128-gptqmodel-settings --windows 10
@@ -248,9 +247,10 @@ def _machine() -> str:
     except OSError:
         pass
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
-    present = [f for f in wanted if f in flags]
-    return (f"{os.cpu_count()} CPUs ({model or 'unknown model'}; {', '.join(present) or 'no'} "
-            f"of {', '.join(wanted)}), torch threads default")
+    has = [f for f in wanted if f in flags]
+    lacks = [f for f in wanted if f not in flags]
+    return (f"{os.cpu_count()} CPUs ({model or 'unknown model'}; has {', '.join(has) or '-'}, "
+            f"lacks {', '.join(lacks) or '-'}), torch threads default")
 
 
 def main() -> int:

@@ -44,15 +44,23 @@ GPTQ with its default settings does not, 66.9 against 59.4 at 3 bits, 32.2 again
 average bits (budget)      2.5     3.0     3.5     4.0     4.5
 =========================  ======  ======  ======  ======  ======
 mixed + RTN                24305   410     56.8    40.6    30.2
-mixed + GPTQ (defaults)    698     98.6    36.9    30.6    27.5
+mixed + GPTQ (textbook)    698     98.6    36.9    30.6    27.5
 mixed + GPTQ (recommended) 57.7    38.7    29.9    28.3    26.7
 =========================  ======  ======  ======  ======  ======
 
 Uniform g128 on the same machine (bits per weight 2.20 / 3.21 / 4.21): RTN 3.3e6 / 114.8 /
-32.4; GPTQ defaults 16984 / 66.9 / 32.2; GPTQ recommended 84.5 / 34.0 / 27.4. So every budget
+32.4; GPTQ textbook 16984 / 66.9 / 32.2; GPTQ recommended 84.5 / 34.0 / 27.4. So every budget
 beats the best uniform format that fits in it, and 4.5 bits beats uniform 4-bit; 3.5 bits does
 not reach uniform 4-bit (29.9 against 27.4, 36.9 against 32.2). More candidates (3 and 4 bits at
-g32/g64/g128) bring GPTQ defaults at 3.5 bits to 34.7, still short. The sensitivity pass takes
+g32/g64/g128) bring textbook GPTQ at 3.5 bits to 34.7, still short. ("Textbook" is GPTQ with
+``mse_clip`` and ``refit_scales`` off, the defaults when this table was measured.)
+
+With GPTQ's current defaults (range search and scale refit on) at 3.5 bits, same machine kind
+(bench/results/gptq-cuda-experiments-2.json): defaults 30.94, recommended 30.56; with ten
+candidates (2 bits g64/g128, 3 bits g32/g64/g128, 4 bits g32/g64/g128/per-channel, 8 bits g128)
+30.39 and 30.08 (29.86 with the refit, now the default). Uniform 4-bit: 28.53 (defaults), 27.5
+(recommended). So 3.5 bits still does not reach uniform 4-bit GPTQ; closing that gap needs a
+stronger low-bit format than any candidate here, not a better allocation. The sensitivity pass takes
 3.4 s on the H100 and about 9 minutes on the 2 shared CPU cores of the development machine
 (under a load of 3 to 11 from other jobs).
 """
