@@ -255,6 +255,12 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
     started = time.perf_counter()
     result = job.quantizer.quantize(loaded.model, plan, calibration)
     quantize_seconds = time.perf_counter() - started
+    if result.float_overrides and not job.exporter.accepts_float_overrides:
+        raise QuantmillError(
+            f"method '{job.quantizer.name}' changed {len(result.float_overrides)} float tensor(s) "
+            f"(e.g. '{next(iter(sorted(result.float_overrides)))}') that export format "
+            f"'{job.exporter.name}' cannot write; the checkpoint would not be the quantized "
+            "model (use a built-in format, or turn off the setting that changes them)")
     staging = ref.work_dir / "checkpoint"
     if staging.exists():
         shutil.rmtree(staging)  # a rerun of an interrupted job starts its export afresh

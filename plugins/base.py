@@ -212,11 +212,21 @@ def weight_kind(weight: QuantizedTensor) -> str:
 
 @dataclass
 class QuantizationResult:
-    """What a quantizer hands to an exporter: the quantized weights and how they were made."""
+    """What a quantizer hands to an exporter: the quantized weights and how they were made.
+
+    ``float_overrides`` maps state-dict keys (``"model.norm.weight"``) to new float tensors for
+    parameters that stay in float but that the quantizer changed (SmoothQuant folds its
+    activation scales into the norms). Quantizers never modify the model they are given (the
+    flow evaluates the base model from it afterwards), so this is the only way such a change
+    reaches the checkpoint: an exporter must write these values in place of the model's, or
+    refuse when ``accepts_float_overrides`` is False. Keys never name a quantized module's
+    weight or bias (those live in ``weights``).
+    """
 
     weights: dict[str, QuantizedTensor]
     plan: QuantPlan
     details: dict[str, Any] = field(default_factory=dict)
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -366,6 +376,9 @@ class Exporter(Plugin):
     format_name: ClassVar[str]
     #: the weight kinds (``weight_kind``) this exporter can write
     accepts_weight_kinds: ClassVar[frozenset[str]] = frozenset({"uniform"})
+    #: True when ``export`` writes ``QuantizationResult.float_overrides`` in place of the
+    #: model's tensors; the flow refuses to hand overrides to an exporter that does not
+    accepts_float_overrides: ClassVar[bool] = False
 
     @abc.abstractmethod
     def export(

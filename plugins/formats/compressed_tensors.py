@@ -212,7 +212,7 @@ def write_compressed_tensors_checkpoint(
                 f"{exc} (use method 'dynamic_int8', or export format 'gptq' for these weights)"
             ) from None
     model = loaded.model
-    tensors, untie = float_tensors(model, set(result.weights))
+    tensors, untie = float_tensors(model, set(result.weights), result.float_overrides)
     for name, qw in result.weights.items():
         module = check_module(model, name, qw)
         packed = Int8DynamicLinear.from_quantized(replace(qw, bias=module_bias(module, qw)))
@@ -354,6 +354,7 @@ class CompressedTensorsExporter(Exporter):
     name = FORMAT_NAME
     format_name = FORMAT_NAME
     accepts_weight_kinds = frozenset({"uniform"})
+    accepts_float_overrides = True
 
     def refuse_spec(self, spec: ModuleQuantSpec) -> str | None:
         if spec.bits == 8 and spec.sym and spec.group_size == -1:

@@ -125,7 +125,7 @@ def write_dequantized_checkpoint(loaded: LoadedModel, result: QuantizationResult
     if not result.weights:
         raise QuantmillError("nothing to export: the quantization result holds no weights")
     model = loaded.model
-    tensors, untie = float_tensors(model, set(result.weights))
+    tensors, untie = float_tensors(model, set(result.weights), result.float_overrides)
     for name, weight in result.weights.items():
         module = check_module(model, name, weight)
         tensors[f"{name}.weight"] = weight.dequantize(torch.float16).cpu().contiguous()
@@ -148,6 +148,7 @@ class DequantizedExporter(Exporter):
     name = "dequantized"
     format_name = "hf"
     accepts_weight_kinds = frozenset({"uniform", "codebook"})
+    accepts_float_overrides = True
 
     def export(
         self, loaded: LoadedModel, result: QuantizationResult, out_dir: Path

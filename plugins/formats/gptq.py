@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -240,7 +241,7 @@ def checkpoint_tensors(
     Returns the tensors and whether an output embedding tied to the input embedding was itself
     quantized (then the tie is broken in the checkpoint and config.json must say so).
     """
-    tensors, quantized_tied = float_tensors(model, set(result.weights))
+    tensors, quantized_tied = float_tensors(model, set(result.weights), result.float_overrides)
     modules = dict(model.named_modules())
     for name, qw in result.weights.items():
         module = modules.get(name)
@@ -265,11 +266,17 @@ def checkpoint_tensors(
 
 
 def float_tensors(
-    model: torch.nn.Module, quantized: set[str]
+    model: torch.nn.Module,
+    quantized: set[str],
+    overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Every tensor of the model except the ``quantized`` modules' weights and biases, in fp16
     (non-float tensors as they are), CPU, contiguous, deferred weights fetched: the part of a
     checkpoint every quantized format shares.
+
+    ``overrides`` (``QuantizationResult.float_overrides``) replace the model's values of the
+    float tensors they name (a quantizer that changed a norm never changes the model itself);
+    one naming no float tensor that gets written is refused, as is one fp16 cannot hold.
 
     Returns the tensors and whether an output embedding tied to the input embedding is among
     ``quantized`` (then the tie is broken in the checkpoint and config.json must say so); an
@@ -283,6 +290,8 @@ def float_tensors(
         skip.update({f"{name}.weight", f"{name}.bias"})
     if tied_key is not None and not quantized_tied:
         skip.add(tied_key)  # written once, as the input embedding
+    overrides = dict(overrides or {})
+    _check_overrides(state_dict, skip, tied_key, overrides)
 
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
@@ -290,11 +299,14 @@ def float_tensors(
     for key, tensor in state_dict.items():
         if key in skip:
             continue
-        t = tensor.detach()
+        t = overrides.get(key, tensor).detach()
         if t.is_meta and fetcher is not None:  # a deferred weight the quantizer did not touch
             t = fetcher.fetch([key])[key]
         if t.is_floating_point():
             t = t.to(torch.float16)
+            if key in overrides and not bool(torch.isfinite(t).all()):
+                raise QuantmillError(f"float override '{key}' does not fit in fp16 (largest "
+                                     f"magnitude {float(overrides[key].abs().max()):.3g})")
         t = t.to("cpu").contiguous()
         storage = t.untyped_storage()
         # safetensors refuses tensors that share memory or views of a larger buffer: copy them.
@@ -303,6 +315,26 @@ def float_tensors(
         seen_storages.add(t.untyped_storage().data_ptr())
         tensors[key] = t
     return tensors, quantized_tied
+
+
+def _check_overrides(state_dict: dict[str, torch.Tensor], skip: set[str], tied_key: str | None,
+                     overrides: dict[str, torch.Tensor]) -> None:
+    """Refuse float overrides that would be silently dropped or change the model's shape."""
+    for key, value in sorted(overrides.items()):
+        if key not in state_dict:
+            raise QuantmillError(f"float override '{key}' names no tensor of the model")
+        if key == tied_key and key in skip:
+            raise QuantmillError(f"float override '{key}' changes an output embedding tied to "
+                                 "the input embedding, which the checkpoint writes only once")
+        if key in skip:
+            raise QuantmillError(f"float override '{key}' belongs to a quantized module; its "
+                                 "new values must be in the quantized weights")
+        original = state_dict[key]
+        if not (value.is_floating_point() and original.is_floating_point()):
+            raise QuantmillError(f"float override '{key}' must replace a float tensor with one")
+        if tuple(value.shape) != tuple(original.shape):
+            raise QuantmillError(f"float override '{key}' has shape {tuple(value.shape)}, the "
+                                 f"model's tensor {tuple(original.shape)}")
 
 
 def _config_dict(model: torch.nn.Module, quant_config: dict[str, Any], untie: bool) -> dict:
@@ -606,6 +638,7 @@ class GPTQExporter(Exporter):
 
     name = "gptq"
     format_name = "gptq"
+    accepts_float_overrides = True
 
     class Config(PluginConfig):
         #: "auto": v1 when every module is symmetric, else v2; "gptq_v2" forces v2.

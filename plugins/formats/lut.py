@@ -97,7 +97,7 @@ def lut_tensors(model: torch.nn.Module, result: QuantizationResult,
                 rows_per_codebook: int) -> tuple[dict[str, torch.Tensor], bool]:
     """Every tensor of the checkpoint (packed clustered linears + fp16 rest), CPU, contiguous;
     and whether a tied output embedding was quantized (see ``float_tensors``)."""
-    tensors, untie = float_tensors(model, set(result.weights))
+    tensors, untie = float_tensors(model, set(result.weights), result.float_overrides)
     for name, cw in result.weights.items():
         if not isinstance(cw, ClusteredWeight):
             raise QuantmillError(f"the lut format stores codebook weights; '{name}' holds "
@@ -241,6 +241,7 @@ class LUTExporter(Exporter):
     name = "lut"
     format_name = "lut"
     accepts_weight_kinds = frozenset({"codebook"})
+    accepts_float_overrides = True
 
     def export(
         self, loaded: LoadedModel, result: QuantizationResult, out_dir: Path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -16,7 +17,8 @@ runner = CliRunner()
 
 def test_dynamic_int8_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = tiny_recipe(name="tiny-int8.yaml", calibration=None, quantization={
-        "method": "dynamic_int8", "bits": None, "group_size": None, "sym": None},
+        "method": "dynamic_int8", "bits": None, "group_size": None, "sym": None,
+        "smooth": False, "skip": ["lm_head", "*embed*"]},
         export={"format": "compressed-tensors"})
     # the merged dict still has rtn-only keys; drop them the way a user would write the recipe
     text = recipe.read_text()
@@ -68,3 +70,101 @@ def test_bad_dynamic_int8_recipes_stop_before_any_work(quantmill_home: Path,
     assert "W8A8 int8 only" in result.stderr and "4-bit" in result.stderr
     with Registry.open() as reg:
         assert reg.list_artifacts(kind="checkpoint") == []
+
+
+def test_smoothed_int8_recipe_with_int8_lm_head(quantmill_home: Path, tiny_recipe,
+                                                tiny_model_dir: Path, wikitext_dir: Path
+                                                ) -> None:
+    """The defaults (SmoothQuant, alpha per group, int8 lm_head) through the whole job:
+    calibration is drawn and registered, the registry says what was smoothed, the checkpoint
+    computes what the in-memory quantized model computes, and the tied input embedding keeps
+    its values."""
+    recipe = tiny_recipe(name="tiny-int8-smooth.yaml", quantization={
+        "method": "dynamic_int8", "batch_size": 2}, export={"format": "compressed-tensors"})
+    text = recipe.read_text()
+    for line in ("  bits: 4\n", "  group_size: 32\n", "  sym: false\n"):
+        text = text.replace(line, "")
+    recipe.write_text(text)
+    result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+
+    with Registry.open() as reg:
+        [ckpt] = reg.list_artifacts(kind="checkpoint")
+        [run] = [r for r in reg.list_runs() if r.kind == "quantization"]
+        assert len(reg.list_artifacts(kind="calibration_set")) == 1
+        metrics = {m.name: m.value for m in reg.metrics_for_artifact(ckpt.id)}
+        base = next(a for a in reg.list_artifacts(kind="model"))
+        base_metrics = {m.name: m.value for m in reg.metrics_for_artifact(base.id)}
+    smoothing = run.details["quantizer"]["smoothing"]
+    assert smoothing["used"] and smoothing["alpha"] == "auto" and len(smoothing["alphas"]) == 7
+    assert len(smoothing["smoothed_groups"]) == 7 and "lm_head" in smoothing["smoothed_groups"]
+    assert ckpt.metadata["export"]["ignore"] == [] and ckpt.metadata["export"][
+        "quantized_modules"] == 15
+    assert abs(metrics["perplexity"] / base_metrics["perplexity"] - 1) < 0.02
+
+    from quantmill.plugins.base import QuantPlan
+    from quantmill.plugins.calibration.text import TextCalibrationSource
+    from quantmill.plugins.formats.compressed_tensors import CompressedTensorsSource
+    from quantmill.plugins.models.int8_linear import Int8DynamicLinear
+    from quantmill.plugins.models.modules import quantizable_linears
+    from quantmill.plugins.models.sources import HFDirectorySource
+    from quantmill.plugins.quantizers.dynamic_int8.plugin import DynamicInt8Quantizer
+    from quantmill.storage.local import LocalStorage
+
+    loaded = CompressedTensorsSource().load(LocalStorage().fetch(ckpt.uri), torch.device("cpu"))
+    assert isinstance(loaded.model.lm_head, Int8DynamicLinear)
+    assert loaded.model.config.tie_word_embeddings is False
+    base_model = HFDirectorySource().load(tiny_model_dir, torch.device("cpu"))
+    assert torch.equal(loaded.model.model.embed_tokens.weight,
+                       base_model.model.model.embed_tokens.weight.half().float())
+
+    # the same job in memory: same calibration ids, same quantizer settings
+    calibration = TextCalibrationSource.from_options({
+        "path": wikitext_dir / "valid.txt", "num_samples": 4, "seq_len": 32, "seed": 0,
+    }).build(base_model.tokenizer)
+    quantizer = DynamicInt8Quantizer.from_options({"batch_size": 2})
+    names = quantizable_linears(base_model.model, quantizer.skip_patterns())
+    quantized = quantizer.quantize(base_model.model, QuantPlan(
+        {n: quantizer.default_spec() for n in names}), calibration)
+    model = base_model.model
+    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features,
+                                    bias=False)
+    state = model.state_dict()
+    state.update(quantized.float_overrides)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    for name, qw in quantized.weights.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Int8DynamicLinear.from_quantized(qw))
+    ids = torch.tensor([[1, 2, 3, 4, 50, 60, 70, 80]])
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, loaded.model(input_ids=ids).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_an_exporter_that_cannot_write_float_overrides_is_refused(
+        quantmill_home: Path, tiny_recipe, monkeypatch) -> None:
+    """Smoothing changes norms that only ``float_overrides`` carry: an exporter that does not
+    declare it writes them would produce a checkpoint that is not the quantized model, so the
+    job stops instead (the step functions in the flow's order, no Prefect server)."""
+    from quantmill.flows import tasks
+    from quantmill.plugins.errors import QuantmillError
+    from quantmill.plugins.formats.compressed_tensors import CompressedTensorsExporter
+
+    monkeypatch.setattr(CompressedTensorsExporter, "accepts_float_overrides", False)
+    recipe = tiny_recipe(name="no-overrides.yaml", quantization={"method": "dynamic_int8"},
+                         export={"format": "compressed-tensors"})
+    text = recipe.read_text()
+    for line in ("  bits: 4\n", "  group_size: 32\n", "  sym: false\n"):
+        text = text.replace(line, "")
+    recipe.write_text(text)
+    ref = tasks.JobRef(recipe.read_text(), str(recipe), "job-no-overrides", None)
+    inputs = tasks.register_inputs_step(ref)
+    calibration = tasks.calibrate_step(ref, inputs)
+    with pytest.raises(QuantmillError, match=r"changed 5 float tensor\(s\).*'compressed-tensors'"
+                                             r" cannot write"):
+        tasks.quantize_step(ref, inputs, calibration)
+    assert not (ref.work_dir / "checkpoint").exists()
+    tasks.MODEL_CACHE.clear()

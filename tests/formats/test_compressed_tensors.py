@@ -48,7 +48,8 @@ def tiny_llama(bias: bool = False) -> LlamaForCausalLM:
 
 
 def quantize(model: torch.nn.Module, skip: list[str] | None = None) -> QuantizationResult:
-    quantizer = DynamicInt8Quantizer.from_options({} if skip is None else {"skip": skip})
+    quantizer = DynamicInt8Quantizer.from_options(
+        {"smooth": False, "skip": ["lm_head", "*embed*"] if skip is None else skip})
     names = quantizable_linears(model, quantizer.skip_patterns())
     return quantizer.quantize(model, QuantPlan({n: quantizer.default_spec() for n in names}),
                               None)

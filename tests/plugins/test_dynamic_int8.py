@@ -182,7 +182,8 @@ def test_kernel_cache_follows_weight_changes_and_dtype() -> None:
 def test_fused_siblings_compute_what_each_member_computes(tiny_llama) -> None:
     """q/k/v and gate/up of each layer share one GEMM; every output equals the member's own."""
     model = copy.deepcopy(tiny_llama)
-    quantizer = DynamicInt8Quantizer()
+    quantizer = DynamicInt8Quantizer.from_options({"smooth": False,
+                                                   "skip": ["lm_head", "*embed*"]})
     names = quantizable_linears(model, quantizer.skip_patterns())
     result = quantizer.quantize(model, QuantPlan({n: quantizer.default_spec() for n in names}),
                                 None)
@@ -231,8 +232,19 @@ def test_size_evaluator_counts_int8_buffers() -> None:
 # -- quantizer plugin ----------------------------------------------------------------------------
 
 
-def test_quantizer_plugin_on_a_model(tiny_llama) -> None:
+def test_quantizer_defaults() -> None:
+    """SmoothQuant with per-group alpha and an int8 lm_head: the settings that met the issue's
+    target on SmolLM2 (see the plugin's docstring); they need a calibration set."""
     quantizer = DynamicInt8Quantizer.from_options({})
+    assert quantizer.needs_calibration is True and quantizer.weight_kind == "uniform"
+    assert quantizer.skip_patterns() == ["*embed*"]
+    assert quantizer.config.smooth is True and quantizer.config.smooth_alpha == "auto"
+    assert not DynamicInt8Quantizer.from_options({"smooth": False}).needs_calibration
+
+
+def test_quantizer_plugin_on_a_model(tiny_llama) -> None:
+    quantizer = DynamicInt8Quantizer.from_options({"smooth": False,
+                                                   "skip": ["lm_head", "*embed*"]})
     assert quantizer.needs_calibration is False and quantizer.weight_kind == "uniform"
     names = quantizable_linears(tiny_llama, quantizer.skip_patterns())
     assert len(names) == 14 and "lm_head" not in names
