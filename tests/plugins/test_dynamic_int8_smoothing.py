@@ -30,6 +30,7 @@ from quantmill.plugins.quantizers.dynamic_int8.algorithm import (
 )
 from quantmill.plugins.quantizers.dynamic_int8.groups import (
     activation_absmax,
+    activation_stats,
     find_groups,
     norm_scales_linearly,
 )
@@ -279,6 +280,15 @@ def test_activation_maxima_are_over_every_batch() -> None:
     assert torch.allclose(whole["lm_head"], seen[0], rtol=1e-5)
     assert float(whole["model.layers.0.self_attn"][OUTLIERS].min()) > 5 * float(
         whole["model.layers.0.self_attn"].median())
+
+    # samples for smooth_alpha auto: the requested number of real activation rows, and a
+    # group's sample does not depend on which other groups are recorded
+    stats = activation_stats(model, groups, ids, batch_size=2, sample_tokens=40)
+    alone = activation_stats(model, groups[-1:], ids, batch_size=2, sample_tokens=40)
+    assert {k: tuple(v.shape) for k, v in stats.samples.items()} == {
+        g.name: (40, 128 if g.producer_kind == "linear" else 64) for g in groups}
+    assert torch.equal(stats.samples["lm_head"], alone.samples["lm_head"])
+    assert torch.all(stats.samples["lm_head"].abs() <= whole["lm_head"] + 1e-6)
 
 
 # -- smoothing a model ---------------------------------------------------------------------------
