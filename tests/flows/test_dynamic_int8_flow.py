@@ -3,6 +3,7 @@ the checkpoint is measured from the written files; bad recipes stop before any w
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,24 @@ from quantmill.registry import Registry
 runner = CliRunner()
 
 
-def test_dynamic_int8_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
-    recipe = tiny_recipe(name="tiny-int8.yaml", calibration=None, quantization={
-        "method": "dynamic_int8", "bits": None, "group_size": None, "sym": None,
-        "smooth": False, "skip": ["lm_head", "*embed*"]},
-        export={"format": "compressed-tensors"})
-    # the merged dict still has rtn-only keys; drop them the way a user would write the recipe
+
+def run_int8_recipe(tiny_recipe, name: str, options: dict, **sections) -> None:
+    """Write a dynamic_int8 recipe without the base recipe's rtn-only keys (bits, group_size,
+    sym), as a user would, and run it through the CLI."""
+    recipe = tiny_recipe(name=name, quantization={"method": "dynamic_int8", **options},
+                         export={"format": "compressed-tensors"}, **sections)
     text = recipe.read_text()
-    for line in ("  bits: null\n", "  group_size: null\n", "  sym: null\n"):
-        text = text.replace(line, "")
+    for key in ("bits", "group_size", "sym"):
+        text = re.sub(rf"^  {key}: .*\n", "", text, flags=re.MULTILINE)
     recipe.write_text(text)
     result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+
+
+def test_dynamic_int8_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
+    run_int8_recipe(tiny_recipe, "tiny-int8.yaml", {"smooth": False,
+                                                     "skip": ["lm_head", "*embed*"]},
+                    calibration=None)
 
     with Registry.open() as reg:
         [ckpt] = reg.list_artifacts(kind="checkpoint")
@@ -79,14 +86,7 @@ def test_smoothed_int8_recipe_with_int8_lm_head(quantmill_home: Path, tiny_recip
     calibration is drawn and registered, the registry says what was smoothed, the checkpoint
     computes what the in-memory quantized model computes, and the tied input embedding keeps
     its values."""
-    recipe = tiny_recipe(name="tiny-int8-smooth.yaml", quantization={
-        "method": "dynamic_int8", "batch_size": 2}, export={"format": "compressed-tensors"})
-    text = recipe.read_text()
-    for line in ("  bits: 4\n", "  group_size: 32\n", "  sym: false\n"):
-        text = text.replace(line, "")
-    recipe.write_text(text)
-    result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    run_int8_recipe(tiny_recipe, "tiny-int8-smooth.yaml", {"batch_size": 2})
 
     with Registry.open() as reg:
         [ckpt] = reg.list_artifacts(kind="checkpoint")
