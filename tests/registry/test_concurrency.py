@@ -142,6 +142,11 @@ def _registration_worker(url: str, worker: int, barrier: Barrier, results: Any) 
                                            artifact_sha256=sha(checkpoint),
                                            dataset_artifact_id=ids[f"calib-{worker}"])])
                 runs.append((planned.index, run.id))
+                if len(runs) == 1:
+                    # Everyone's first run is in before anyone's second: the writers interleave
+                    # by construction, not by luck of SQLite's lock hand-off (which can let one
+                    # process run all its writes back to back).
+                    barrier.wait(BARRIER_TIMEOUT)
         results.put({"worker": worker, "ids": ids, "runs": runs,
                      "heavy": heavy_modules_loaded()})
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
@@ -247,7 +252,8 @@ def test_processes_register_runs_at_once(
             assert len({report["ids"][f"base-{b}"] for report in reports}) == 1
         run_of = {(r["worker"], index): run_id for r in reports for index, run_id in r["runs"]}
         assert len(run_of) == len(planned) and len(set(run_of.values())) == len(planned)
-        # The writers really interleaved (otherwise this test would prove nothing).
+        # The writers really interleaved (otherwise this test would prove nothing): the
+        # barrier after each worker's first run guarantees it; this checks the ids agree.
         spans = sorted((min(i for (w, _), i in run_of.items() if w == worker),
                         max(i for (w, _), i in run_of.items() if w == worker))
                        for worker in range(PROCESSES))
