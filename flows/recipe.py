@@ -224,7 +224,9 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
     q = recipe.quantization
     quantizer = build_plugin(catalog.quantizers, q.method, q.options, "quantization", base_dir)
     if quantizer.needs_calibration and calibration is None:
-        raise ConfigError(f"quantization method '{q.method}' needs a 'calibration' section")
+        reason = quantizer.calibration_reason()
+        raise ConfigError(f"quantization method '{q.method}' needs a 'calibration' section"
+                          + (f": {reason}" if reason else ""))
     allocator = build_plugin(catalog.bit_allocators, q.allocator, q.allocator_options,
                              "quantization.allocator_options", base_dir)
     if allocator.needs_calibration and calibration is None:
@@ -242,6 +244,11 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
             f"export format '{recipe.export.format}' cannot write the {quantizer.weight_kind} "
             f"weights that method '{q.method}' produces (it writes: "
             f"{', '.join(sorted(exporter.accepts_weight_kinds))})")
+    if quantizer.changes_float_tensors and not exporter.accepts_float_overrides:
+        raise ConfigError(
+            f"method '{q.method}' with these settings changes float tensors (e.g. norm "
+            f"weights) that export format '{recipe.export.format}' cannot write; use a "
+            "built-in format, or turn off the setting that changes them")
     default = quantizer.default_spec()
     for spec in allocator.possible_specs(default) if default is not None else []:
         reason = exporter.refuse_spec(spec)

@@ -128,7 +128,8 @@ def point_row(reg: Registry, point: PlannedPoint, outcome: Outcome) -> dict[str,
         "recipe_name": point.recipe_name, "recipe_sha256": point.recipe_sha256,
         "error": outcome.error, "flow_s": outcome.flow_s, "metrics": {},
         "perplexity": None, "size_mb": None, "bits_per_weight": None, "wall_s": None,
-        "quantize_s": None, "checkpoint_id": None, "base_model_id": None,
+        "quantize_s": None, "reused_sensitivity": False, "checkpoint_id": None,
+        "base_model_id": None,
         "measured_base": False,
     }
     if outcome.status == "failed" or outcome.run_id is None:
@@ -143,6 +144,7 @@ def point_row(reg: Registry, point: PlannedPoint, outcome: Outcome) -> dict[str,
         perplexity=metrics.get("perplexity"), size_mb=metrics.get("disk_mb"),
         bits_per_weight=metrics.get("bits_per_weight"), wall_s=_seconds(run),
         quantize_s=run.details.get("quantize_seconds"),
+        reused_sensitivity=bool(run.details.get("plan_details", {}).get("sensitivity_reused")),
         measured_base=any(m.artifact_id == base for m in recorded),
         protocols={m.evaluator: m.protocol.get("config") for m in recorded
                    if m.artifact_id == checkpoint},
@@ -272,7 +274,9 @@ NOTES = """\
 - The reference row is the base model under the same evaluators; its size is its parameters at
   16 bits (an fp16 checkpoint), its source file being {source}.
 - wall s is the registry run's duration (quantize, evaluate, upload, register); `*` marks the run
-  that also measured the base model. quantize s is the quantizer (and allocator) alone.
+  that also measured the base model. quantize s is the quantizer (and allocator) alone; `†`
+  marks a mixed-precision point whose allocator reused the sensitivity table an earlier point
+  measured on the same model, calibration and settings (its time leaves that measurement out).
 - Pareto: no other point is both smaller and better (ties stay on the front).
 """
 

@@ -328,6 +328,10 @@ class Quantizer(Plugin):
     """Quantizes the linear modules a plan names; never mutates the model it is given."""
 
     needs_calibration: ClassVar[bool] = False
+    #: True when ``quantize`` may return ``float_overrides`` (changed float tensors, e.g. norm
+    #: weights that absorb a smoothing scale): a recipe pairing it with an exporter that cannot
+    #: write them is refused before any work, not after quantizing. Refined per instance.
+    changes_float_tensors: ClassVar[bool] = False
     #: the kind of weights ``quantize`` returns (see ``weight_kind``); the recipe is refused
     #: before any work starts when the chosen exporter cannot write that kind
     weight_kind: ClassVar[str] = "uniform"
@@ -338,6 +342,11 @@ class Quantizer(Plugin):
     def default_spec(self) -> ModuleQuantSpec | None:
         """The uniform spec from this quantizer's own settings (for the uniform allocator)."""
         return None
+
+    def calibration_reason(self) -> str:
+        """Why these settings need calibration data and how to do without, for the error a
+        recipe without a calibration section gets ("" when there is nothing to add)."""
+        return ""
 
     def skip_patterns(self) -> list[str]:
         """Module-name patterns (fnmatch) that must stay in float."""

@@ -18,10 +18,12 @@ Sample recipe section::
         weighting: fisher          # fisher (default), fisher_layer or none
         num_samples: 32            # calibration samples for the input Hessians
         fisher_samples: 8          # calibration samples for the output gradients
+        reuse_sensitivity: true    # a batch planning several budgets measures once
 
 How it works: ``sensitivity.py`` measures each module's damage in every candidate format,
 ``cost.py`` counts what each format costs in bits (scales, zeros and group indices included, as
-the ``size`` evaluator counts them), and ``knapsack.py`` picks one format per module (or per tied
+the ``size`` evaluator counts them), ``sensitivity_cache.py`` keeps the tables so that several
+budgets on one model measure once, and ``knapsack.py`` picks one format per module (or per tied
 group) with the least total damage that fits the budget. The plan, with the whole sensitivity
 table, is stored in the registry with the run, so anyone can see why a module got its bits.
 
@@ -72,7 +74,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from quantmill.plugins.allocation import knapsack
+from quantmill.plugins.allocation import knapsack, sensitivity_cache
 from quantmill.plugins.allocation.cost import Candidate, WeightKind, weight_bits
 from quantmill.plugins.allocation.sensitivity import (
     Sensitivity,
@@ -122,6 +124,9 @@ class MixedPrecisionConfig(PluginConfig):
     fisher_samples: int = Field(8, ge=1, le=4096)
     batch_size: int = Field(4, ge=1, le=1024)
     max_states: int = Field(knapsack.DEFAULT_MAX_STATES, ge=1024, le=1 << 24)
+    reuse_sensitivity: bool = Field(
+        True, description="reuse a sensitivity table measured earlier in this process on the "
+        "same model content, calibration ids and settings (budgets may differ)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> MixedPrecisionConfig:
@@ -213,8 +218,12 @@ class MixedPrecisionAllocator(BitAllocator):
                                      weighting=c.weighting, fisher_samples=c.fisher_samples,
                                      device=device)
         proxy = "codebook" if kind == "codebook" else "rtn"
-        sens = measure_sensitivity(model, quantizable, candidates, default.sym, kind,
-                                   calibration.input_ids, options)
+        key = (sensitivity_cache.measurement_key(model, quantizable, candidates, default.sym,
+                                                 kind, calibration.input_ids, options)
+               if c.reuse_sensitivity else None)
+        sens, reused = sensitivity_cache.cached_sensitivity(
+            key, lambda: measure_sensitivity(model, quantizable, candidates, default.sym, kind,
+                                             calibration.input_ids, options))
         group_damages = [[sum(sens.damages[n][k] for n in g) for k in range(len(candidates))]
                          for g in groups]
         top = _top(candidates)
@@ -235,6 +244,8 @@ class MixedPrecisionAllocator(BitAllocator):
         }
         details = self._details(candidates, kind, proxy, cost, shapes, sens, chosen, groups,
                                 budget_bits, numel, minimum, solution)
+        details["sensitivity_key"] = key
+        details["sensitivity_reused"] = reused
         return QuantPlan(modules=modules, details=details)
 
     # -- helpers --------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def tradeoff_cells(row: dict[str, Any]) -> list[str]:
         "size_mb": fmt(row.get("size_mb"), 1),
         "bits_per_weight": fmt(row.get("bits_per_weight")),
         "wall_s": fmt(row.get("wall_s"), 1) + (" *" if row.get("measured_base") else ""),
-        "quantize_s": fmt(row.get("quantize_s"), 1),
+        "quantize_s": fmt(row.get("quantize_s"), 1)
+        + (" †" if row.get("reused_sensitivity") else ""),
         "pareto": "yes" if row.get("pareto") else "",
         "status": status,
     }

@@ -17,15 +17,21 @@ runner = CliRunner()
 
 
 
-def run_int8_recipe(tiny_recipe, name: str, options: dict, **sections) -> None:
-    """Write a dynamic_int8 recipe without the base recipe's rtn-only keys (bits, group_size,
-    sym), as a user would, and run it through the CLI."""
+def write_int8_recipe(tiny_recipe, name: str, options: dict, **sections) -> Path:
+    """A dynamic_int8 recipe without the base recipe's rtn-only keys (bits, group_size, sym),
+    as a user would write it."""
     recipe = tiny_recipe(name=name, quantization={"method": "dynamic_int8", **options},
                          export={"format": "compressed-tensors"}, **sections)
     text = recipe.read_text()
     for key in ("bits", "group_size", "sym"):
         text = re.sub(rf"^  {key}: .*\n", "", text, flags=re.MULTILINE)
     recipe.write_text(text)
+    return recipe
+
+
+def run_int8_recipe(tiny_recipe, name: str, options: dict, **sections) -> None:
+    """Write a dynamic_int8 recipe and run it through the CLI."""
+    recipe = write_int8_recipe(tiny_recipe, name, options, **sections)
     result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
 
@@ -75,6 +81,14 @@ def test_bad_dynamic_int8_recipes_stop_before_any_work(quantmill_home: Path,
     result = runner.invoke(app, ["run", str(recipe)])  # rtn 4-bit cannot be written as W8A8
     assert result.exit_code != 0
     assert "W8A8 int8 only" in result.stderr and "4-bit" in result.stderr
+
+    # smoothing (the default) needs calibration: the error says how to do without
+    recipe = write_int8_recipe(tiny_recipe, "no-calibration.yaml", {}, calibration=None)
+    result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    message = " ".join(result.stderr.split())
+    assert "method 'dynamic_int8' needs a 'calibration' section" in message
+    assert "smooth: false" in message
     with Registry.open() as reg:
         assert reg.list_artifacts(kind="checkpoint") == []
 
@@ -144,22 +158,42 @@ def test_smoothed_int8_recipe_with_int8_lm_head(quantmill_home: Path, tiny_recip
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
-def test_an_exporter_that_cannot_write_float_overrides_is_refused(
+def test_an_exporter_that_cannot_write_float_overrides_is_refused_up_front(
         quantmill_home: Path, tiny_recipe, monkeypatch) -> None:
     """Smoothing changes norms that only ``float_overrides`` carry: an exporter that does not
-    declare it writes them would produce a checkpoint that is not the quantized model, so the
-    job stops instead (the step functions in the flow's order, no Prefect server)."""
-    from quantmill.flows import tasks
-    from quantmill.plugins.errors import QuantmillError
+    declare it writes them would produce a checkpoint that is not the quantized model. The
+    quantizer says so from its settings, so the recipe is refused before any work; without
+    smoothing the same exporter is fine."""
     from quantmill.plugins.formats.compressed_tensors import CompressedTensorsExporter
 
     monkeypatch.setattr(CompressedTensorsExporter, "accepts_float_overrides", False)
-    recipe = tiny_recipe(name="no-overrides.yaml", quantization={"method": "dynamic_int8"},
-                         export={"format": "compressed-tensors"})
-    text = recipe.read_text()
-    for line in ("  bits: 4\n", "  group_size: 32\n", "  sym: false\n"):
-        text = text.replace(line, "")
-    recipe.write_text(text)
+    recipe = write_int8_recipe(tiny_recipe, "no-overrides.yaml", {})
+    result = runner.invoke(app, ["validate", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    message = " ".join(result.stderr.split())
+    assert ("method 'dynamic_int8' with these settings changes float tensors (e.g. norm "
+            "weights) that export format 'compressed-tensors' cannot write") in message
+
+    recipe = write_int8_recipe(tiny_recipe, "no-smoothing.yaml", {"smooth": False})
+    result = runner.invoke(app, ["validate", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+
+
+def test_undeclared_float_overrides_are_still_refused_before_export(
+        quantmill_home: Path, tiny_recipe, monkeypatch) -> None:
+    """A (third-party) quantizer that returns overrides without declaring
+    ``changes_float_tensors`` passes the recipe check; the job then stops after quantizing,
+    before writing anything (the step functions in the flow's order, no Prefect server)."""
+    from quantmill.flows import tasks
+    from quantmill.plugins.errors import QuantmillError
+    from quantmill.plugins.formats.compressed_tensors import CompressedTensorsExporter
+    from quantmill.plugins.quantizers.dynamic_int8.plugin import DynamicInt8Quantizer
+
+    monkeypatch.setattr(CompressedTensorsExporter, "accepts_float_overrides", False)
+    # the declaration is set per instance in __init__: make it read False whatever is set
+    monkeypatch.setattr(DynamicInt8Quantizer, "changes_float_tensors",
+                        property(lambda self: False, lambda self, value: None))
+    recipe = write_int8_recipe(tiny_recipe, "undeclared.yaml", {})
     ref = tasks.JobRef(recipe.read_text(), str(recipe), "job-no-overrides", None)
     inputs = tasks.register_inputs_step(ref)
     calibration = tasks.calibrate_step(ref, inputs)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from quantmill.plugins.allocation import mixed_precision, sensitivity_cache
 from quantmill.plugins.allocation.cost import Candidate, bits_per_weight, weight_bits
 from quantmill.plugins.allocation.mixed_precision import MixedPrecisionAllocator
 from quantmill.plugins.allocation.sensitivity import (
@@ -46,30 +47,27 @@ def calibration() -> CalibrationSet:
     return CalibrationSet(torch.randint(0, 256, (4, 32), generator=generator), {"test": True})
 
 
+#: options every ``_allocator`` gets unless a test says otherwise; measurements are not reused
+#: across plans (each test checks a fresh one) except under ``measured_once``
+DEFAULT_OPTIONS = {"candidates": G32, "weighting": "none",  # fast; fisher has its own tests
+                   "num_samples": 4, "fisher_samples": 2, "reuse_sensitivity": False}
+
+
+@pytest.fixture(autouse=True)
+def no_stored_tables() -> None:
+    """Each test starts with no stored sensitivity tables (identical tiny models would hit)."""
+    sensitivity_cache.clear()
+
+
 @pytest.fixture()
 def measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Budget and tie tests plan many times with the same measurements: measure once (the
-    measurement has its own tests below; the budget does not change it)."""
-    from quantmill.plugins.allocation import mixed_precision
-
-    cache: dict = {}
-    real = mixed_precision.measure_sensitivity
-
-    def measure(model, names, candidates, sym, kind, input_ids, options):
-        key = (id(model), tuple(names), tuple(candidates), sym, kind, options.weighting)
-        if key not in cache:
-            cache[key] = real(model, names, candidates, sym, kind, input_ids, options)
-        return cache[key]
-
-    monkeypatch.setattr(mixed_precision, "measure_sensitivity", measure)
+    """Budget and tie tests plan many times with the same measurements: measure once, through
+    the allocator's own table reuse (tested below; the budget does not change the table)."""
+    monkeypatch.setitem(DEFAULT_OPTIONS, "reuse_sensitivity", True)
 
 
 def _allocator(**options) -> MixedPrecisionAllocator:
-    options.setdefault("candidates", G32)
-    options.setdefault("weighting", "none")  # fast; the fisher path has its own tests
-    options.setdefault("num_samples", 4)
-    options.setdefault("fisher_samples", 2)
-    return MixedPrecisionAllocator.from_options(options)
+    return MixedPrecisionAllocator.from_options({**DEFAULT_OPTIONS, **options})
 
 
 def _plan_bits(model: torch.nn.Module, plan: QuantPlan) -> int:
@@ -415,3 +413,86 @@ def test_mixed_bit_checkpoint_round_trips_exactly(tiny_llama, tmp_path: Path) ->
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.isfinite(back(input_ids=ids).logits).all()
+
+
+# -- sensitivity tables reused across budgets --------------------------------------------------
+
+
+@pytest.fixture()
+def counted_measurements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of real measurements, in a list the test reads."""
+    calls: list[int] = []
+    real = mixed_precision.measure_sensitivity
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixed_precision, "measure_sensitivity", measure)
+    return calls
+
+
+def test_budgets_on_one_model_share_one_measurement(tiny_llama, calibration,
+                                                    counted_measurements) -> None:
+    names = quantizable_linears(tiny_llama)
+    first = _allocator(avg_bits=3.6, reuse_sensitivity=True).plan(
+        tiny_llama, names, RTN_SPEC, calibration)
+    second = _allocator(avg_bits=5.0, reuse_sensitivity=True).plan(
+        tiny_llama, names, RTN_SPEC, calibration)
+    assert len(counted_measurements) == 1
+    assert (first.details["sensitivity_reused"], second.details["sensitivity_reused"]) == (
+        False, True)
+    assert first.details["sensitivity_key"] == second.details["sensitivity_key"]
+    assert {n: r["damage"] for n, r in first.details["sensitivity"].items()} == {
+        n: r["damage"] for n, r in second.details["sensitivity"].items()}
+    assert _plan_bits(tiny_llama, second) > _plan_bits(tiny_llama, first)  # a real re-plan
+
+    # switched off: measured again
+    third = _allocator(avg_bits=5.0).plan(tiny_llama, names, RTN_SPEC, calibration)
+    assert len(counted_measurements) == 2 and third.details["sensitivity_reused"] is False
+
+
+def test_a_changed_model_or_calibration_is_measured_again(tiny_llama, calibration,
+                                                          counted_measurements) -> None:
+    names = quantizable_linears(tiny_llama)
+    allocator = _allocator(avg_bits=4.5, reuse_sensitivity=True)
+    before = allocator.plan(tiny_llama, names, RTN_SPEC, calibration)
+    weight = tiny_llama.get_submodule(names[3]).weight
+    with torch.no_grad():
+        weight[0, 0] += 0.5  # one weight of one module, in place
+    changed = allocator.plan(tiny_llama, names, RTN_SPEC, calibration)
+    assert len(counted_measurements) == 2 and changed.details["sensitivity_reused"] is False
+    assert changed.details["sensitivity_key"] != before.details["sensitivity_key"]
+    assert changed.details["sensitivity"][names[3]]["damage"] != before.details[
+        "sensitivity"][names[3]]["damage"]
+
+    other_ids = CalibrationSet(calibration.input_ids.flip(0), {"test": True})
+    allocator.plan(tiny_llama, names, RTN_SPEC, other_ids)
+    _allocator(avg_bits=4.5, reuse_sensitivity=True, weighting="fisher").plan(
+        tiny_llama, names, RTN_SPEC, calibration)
+    assert len(counted_measurements) == 4
+
+
+def test_deferred_weights_are_fingerprinted_by_content_and_stay_deferred(
+        tiny_model_dir: Path) -> None:
+    """A deferred model's key equals the loaded model's (its weights are fetched for the
+    digest), so the trade-off flow's layer-by-layer loads share tables; and the model is left
+    as it was."""
+    source = HFDirectorySource()
+    full = source.load(tiny_model_dir, torch.device("cpu")).model
+    lazy = source.load_deferred(tiny_model_dir, torch.device("cpu")).model
+    names = quantizable_linears(full)
+    ids = torch.randint(0, full.config.vocab_size, (3, 24),
+                        generator=torch.Generator().manual_seed(1))
+    options = SensitivityOptions(num_samples=3)
+    candidates = [Candidate(4, 32), Candidate(8, 32)]
+    key_full = sensitivity_cache.measurement_key(full, names, candidates, False, "uniform",
+                                                 ids, options)
+    key_lazy = sensitivity_cache.measurement_key(lazy, names, candidates, False, "uniform",
+                                                 ids, options)
+    assert key_full is not None and key_full == key_lazy
+    assert all(lazy.get_submodule(n).weight.is_meta for n in names)
+    with torch.no_grad():
+        full.get_submodule(names[0]).weight.mul_(1.001)
+    assert sensitivity_cache.measurement_key(full, names, candidates, False, "uniform", ids,
+                                             options) != key_lazy

@@ -106,6 +106,11 @@ class ClusteringQuantizer(Quantizer):
         # calibration is read unless the k-means is unweighted and nothing is compensated
         self.needs_calibration = c.compensate or c.weighting == "hessian_diag"
 
+    def calibration_reason(self) -> str:
+        return ("the k-means weights (weighting: hessian_diag) and the error compensation "
+                "(compensate: true) come from it; set weighting: uniform and compensate: false "
+                "to cluster without calibration data")
+
     def default_spec(self) -> ModuleQuantSpec:
         # group_size/sym do not apply to codebooks: -1/False are placeholders for the plan
         return ModuleQuantSpec(bits=self.config.bits, group_size=-1, sym=False, method=self.name)

@@ -61,6 +61,10 @@ class GPTQQuantizer(RTNQuantizer):
     needs_calibration = True
     accepts_deferred_weights = True
 
+    def calibration_reason(self) -> str:
+        return ("GPTQ's per-layer Hessians are built from calibration activations (method "
+                "'rtn' needs none)")
+
     def quantize(
         self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None
     ) -> QuantizationResult:
