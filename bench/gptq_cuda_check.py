@@ -1,5 +1,8 @@
 """GPTQ on a CUDA device: the same code path as on CPU, the same checkpoint, comparable quality.
 
+(Any quantizer runs through ``--config``: clustering results are written and read back in the
+look-up-table layout instead of GPTQ's.)
+
 Runs quantmill's GPTQ on SmolLM2-135M (the demo GGUF) with the weights loaded on the GPU, writes
 the GPTQ checkpoint, reads it back with quantmill's reader and measures perplexity with the GPTQ
 benchmark's protocol (calibration file from ``bench/gptq_bench.py``, first N 512-token windows of
@@ -42,6 +45,7 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     from quantmill.plugins.catalog import Catalog
     from quantmill.plugins.evaluators.perplexity import PerplexityEvaluator
     from quantmill.plugins.formats.gptq import write_gptq_checkpoint
+    from quantmill.plugins.formats.lut import LUTCheckpointSource, write_lut_checkpoint
     from quantmill.plugins.manager import get_plugin_manager
     from quantmill.plugins.models.modules import quantizable_linears
     from quantmill.plugins.models.sources import GGUFSource, GPTQCheckpointSource
@@ -53,7 +57,8 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     allocator_options = options.pop("allocator_options", {})
     quantizer = build_plugin(catalog.quantizers, options.pop("method"), options, "check", REPO)
     source = GGUFSource()
-    loaded = source.load_deferred(gguf, cuda)
+    loaded = (source.load_deferred(gguf, cuda) if quantizer.accepts_deferred_weights
+              else source.load(gguf, cuda))
     calibration = CalibrationSet(load_file(str(calib))["input_ids"], {})
     allocator = build_plugin(catalog.bit_allocators, allocator_name, allocator_options, "check",
                              REPO)
@@ -69,11 +74,13 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     devices = {w.intweight.device.type for w in result.weights.values()
                if hasattr(w, "intweight")}
     out = workdir / "checkpoint"
-    write_gptq_checkpoint(loaded, result, out)
+    # codebook weights (clustering) go to the look-up-table layout, uniform ones to GPTQ's
+    codebook = quantizer.weight_kind == "codebook"
+    (write_lut_checkpoint if codebook else write_gptq_checkpoint)(loaded, result, out)
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     del loaded, result
     torch.cuda.empty_cache()
-    reread = GPTQCheckpointSource().load(out, cuda)
+    reread = (LUTCheckpointSource() if codebook else GPTQCheckpointSource()).load(out, cuda)
     if reread.tokenizer is None:
         reread.tokenizer = source.load_tokenizer(gguf)
     ppl = PerplexityEvaluator.from_options(
