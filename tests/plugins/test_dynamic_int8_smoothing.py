@@ -6,7 +6,11 @@ model)."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import math
+import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,8 @@ from quantmill.plugins.quantizers.dynamic_int8.groups import (
 )
 from quantmill.plugins.quantizers.dynamic_int8.plugin import (
     DynamicInt8Quantizer,
+    apply_smoothing,
+    plan_smoothing,
     smoothing_changes,
 )
 from quantmill.plugins.quantizers.dynamic_int8.smoothing import (
@@ -334,6 +340,47 @@ def test_groups_with_float_members_are_left_alone() -> None:
     assert "model.norm.weight" not in changed
     assert rel(with_tensors(model, changed)(IDS).logits.detach(),
                model(IDS).logits.detach()) < 1e-4
+
+
+def _block(key: str) -> float:
+    found = re.match(r"model\.layers\.(\d+)\.", key)
+    return int(found.group(1)) if found else math.inf
+
+
+def test_smoothed_tensors_stream_out_and_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantizer consumes ``apply_smoothing``: every changed tensor comes once, when no
+    later group changes it (the values of the all-at-once result), block by block, and the
+    stream keeps no reference to what it gave, so one block's float copies are alive at a
+    time, not the whole model's."""
+    model = outlier_llama(bias=True)
+    ids = calibration().input_ids
+    together, _ = smoothing_changes(model, all_linears(model), ids, 0.5, batch_size=4)
+    plan = plan_smoothing(model, all_linears(model), ids, 0.5, batch_size=4)
+    from quantmill.plugins.quantizers.dynamic_int8 import plugin
+
+    groups_done = []
+    real = plugin.smoothed_tensors
+    monkeypatch.setattr(plugin, "smoothed_tensors",
+                        lambda *args: groups_done.append(1) or real(*args))
+    keys, given_before_block_1, alive_at_block_1, done_at_first = [], [], None, None
+    for key, tensor in apply_smoothing(model, plan):
+        done_at_first = len(groups_done) if done_at_first is None else done_at_first
+        assert torch.equal(tensor, together[key]), key
+        if _block(key) >= 1 and alive_at_block_1 is None:
+            gc.collect()
+            alive_at_block_1 = [k for k, ref in given_before_block_1 if ref() is not None]
+        if _block(key) == 0:
+            given_before_block_1.append((key, weakref.ref(tensor)))
+        keys.append(key)
+        del tensor
+    assert sorted(keys) == sorted(together) and len(keys) == len(set(keys))
+    assert [_block(k) for k in keys] == sorted(_block(k) for k in keys)
+    # up_proj's rows are changed by the down_proj group, after its columns (MLP group)
+    assert keys.index("model.layers.0.mlp.up_proj.weight") > keys.index(
+        "model.layers.0.mlp.gate_proj.weight")
+    assert len(given_before_block_1) > 5 and alive_at_block_1 == []
+    assert done_at_first == 1 and len(groups_done) == len(plan.steps) == 7  # made as it goes
+    del together
 
 
 # -- the quantizer -------------------------------------------------------------------------------

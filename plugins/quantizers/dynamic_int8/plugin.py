@@ -36,6 +36,8 @@ Sample recipe section (the defaults)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -149,47 +151,61 @@ class DynamicInt8Quantizer(Quantizer):
                 raise QuantmillError(f"'{name}' is not a linear layer of the model")
             if linear.weight.is_meta:
                 raise QuantmillError(f"dynamic_int8: the weight of '{name}' is not loaded")
-        changed: dict[str, torch.Tensor] = {}
-        smoothing: dict[str, Any] = {"used": False}
+        smoothing = SmoothingPlan([], {"used": False})
         if self.config.smooth:
             if calibration is None:
                 raise QuantmillError("dynamic_int8 with smooth: true needs a calibration set "
                                      "(add a 'calibration' section to the recipe)")
-            changed, smoothing = smoothing_changes(model, set(plan.modules),
-                                                   calibration.input_ids,
-                                                   self.config.smooth_alpha,
-                                                   self.config.batch_size)
-        weights = {}
+            smoothing = plan_smoothing(model, set(plan.modules), calibration.input_ids,
+                                       self.config.smooth_alpha, self.config.batch_size)
+        weights: dict[str, Any] = {}
+        biases: dict[str, torch.Tensor] = {}
+        overrides: dict[str, torch.Tensor] = {}
         with progress_bar("quantize (dynamic_int8)", total=len(plan.modules)) as advance:
+            # smoothed tensors arrive one group at a time: a linear's weight is quantized as
+            # soon as it is final, so its float32 copy is dropped at once
+            for key, tensor in apply_smoothing(model, smoothing):
+                module, _, leaf = key.rpartition(".")
+                if module in plan.modules and leaf == "weight":
+                    weights[module] = quantize_weight(tensor)
+                    advance(1)
+                elif module in plan.modules and leaf == "bias":
+                    biases[module] = tensor
+                else:  # a norm's weight or bias: float, written by the exporter instead
+                    overrides[key] = tensor.detach().to("cpu", torch.float32).contiguous()
             for name in plan.modules:
-                linear = modules[name]
-                qw = quantize_weight(changed.pop(f"{name}.weight", linear.weight))
-                bias = changed.pop(f"{name}.bias", linear.bias)
+                if name not in weights:
+                    weights[name] = quantize_weight(modules[name].weight)
+                    advance(1)
+                bias = biases.get(name, modules[name].bias)
                 if bias is not None:
-                    qw.bias = bias.detach().to("cpu", torch.float32).clone()
-                weights[name] = qw
-                advance(1)
-        # what is left changed is float (the norms): the exporter writes it instead of the model's
-        overrides = {key: t.detach().to("cpu", torch.float32).contiguous()
-                     for key, t in changed.items()}
+                    weights[name].bias = bias.detach().to("cpu", torch.float32).clone()
+        weights = {name: weights[name] for name in plan.modules}  # in the plan's order
         details = {"method": self.name,
                    "spec": {"bits": wanted.bits, "group_size": wanted.group_size, "sym": True},
-                   "scheme": dict(SCHEME), "modules": len(weights), "smoothing": smoothing}
+                   "scheme": dict(SCHEME), "modules": len(weights),
+                   "smoothing": smoothing.details}
         return QuantizationResult(weights=weights, plan=plan, details=details,
                                   float_overrides=overrides)
 
 
-def smoothing_changes(
+@dataclass
+class SmoothingPlan:
+    """Each smoothed group with its scales (small vectors), in model order, and the report."""
+
+    steps: list[tuple[SmoothGroup, torch.Tensor]]
+    details: dict[str, Any]
+
+
+def plan_smoothing(
     model: torch.nn.Module, quantized: set[str], input_ids: torch.Tensor,
     alpha: float | str, batch_size: int = 8,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """SmoothQuant for the linears ``quantized``: (state-dict key -> smoothed float32 tensor,
-    a report of what was done). The model is not modified; loading the tensors into it leaves
-    its float outputs unchanged (up to rounding), which is what makes smoothing safe.
+) -> SmoothingPlan:
+    """SmoothQuant's measurements for the linears ``quantized``: which groups are smoothed,
+    each group's alpha and scales. Nothing is changed yet (``apply_smoothing`` does that).
 
-    Scales come from the original weights; ``up_proj`` is changed twice (its columns by the
-    MLP group, its rows by the down_proj group), which commute. A group is smoothed only when
-    every linear it changes is in ``quantized``.
+    Scales come from the original weights; a group is smoothed only when every linear it
+    changes is in ``quantized``.
     """
     groups, skipped = find_groups(model)
     usable: list[SmoothGroup] = []
@@ -204,27 +220,21 @@ def smoothing_changes(
     stats = activation_stats(model, usable, input_ids, batch_size,
                              sample_tokens=AUTO_SAMPLE_TOKENS if auto else 0)
     skipped.update(stats.bad)
-    state = model.state_dict()
-    changed: dict[str, torch.Tensor] = {}
-    smoothed: list[str] = []
+    modules = dict(model.named_modules())
+    steps: list[tuple[SmoothGroup, torch.Tensor]] = []
     chosen: dict[str, float] = {}
     lowest, highest = float("inf"), 0.0
     for g in usable:
         if g.name not in stats.absmax:
             continue
-        consumer_keys = [f"{c}.weight" for c in g.consumers]
-        weights = [state[k] for k in consumer_keys]
+        weights = [modules[c].weight for c in g.consumers]
         group_alpha = float(alpha) if not auto else search_alpha(
             stats.samples[g.name], stats.absmax[g.name], weights)[0]
         chosen[g.name] = group_alpha
         s = smoothing_scales(stats.absmax[g.name], weights, group_alpha)
-        producer_keys = [f"{g.producer}.{p}" for p in ("weight", "bias")
-                         if isinstance(state.get(f"{g.producer}.{p}"), torch.Tensor)]
-        changed.update(smoothed_tensors(
-            s, {k: changed.get(k, state[k]) for k in producer_keys},
-            {k: changed.get(k, state[k]) for k in consumer_keys}))
-        smoothed.append(g.name)
+        steps.append((g, s))
         lowest, highest = min(lowest, float(s.min())), max(highest, float(s.max()))
+    smoothed = [g.name for g, _ in steps]
     details: dict[str, Any] = {
         "used": bool(smoothed), "alpha": alpha, "smoothed_groups": smoothed,
         **({"alphas": chosen, "alpha_grid": list(ALPHA_GRID),
@@ -234,7 +244,48 @@ def smoothing_changes(
         "calibration_tokens": int(input_ids.numel()),
         "note": "o_proj is never smoothed (its input is attention over grouped v heads)",
     }
-    return changed, details
+    return SmoothingPlan(steps, details)
+
+
+def apply_smoothing(model: torch.nn.Module, plan: SmoothingPlan
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, smoothed float32 tensor) for every tensor the plan changes, each given
+    as soon as no later group changes it again, so a consumer can quantize and drop it: at most
+    one group's tensors (plus an ``up_proj`` waiting for its down_proj group) are held, not a
+    float copy of every smoothed linear. ``up_proj`` is changed twice (its columns by the MLP
+    group, its rows by the down_proj group), which commute. The model is not modified."""
+    state = model.state_dict()
+
+    def keys_of(g: SmoothGroup) -> tuple[list[str], list[str]]:
+        producer = [f"{g.producer}.{p}" for p in ("weight", "bias")
+                    if isinstance(state.get(f"{g.producer}.{p}"), torch.Tensor)]
+        return producer, [f"{c}.weight" for c in g.consumers]
+
+    last_step: dict[str, int] = {}
+    for index, (g, _) in enumerate(plan.steps):
+        for key in sum(keys_of(g), []):
+            last_step[key] = index
+    pending: dict[str, torch.Tensor] = {}
+    for index, (g, s) in enumerate(plan.steps):
+        producer_keys, consumer_keys = keys_of(g)
+        pending.update(smoothed_tensors(
+            s, {k: pending.get(k, state[k]) for k in producer_keys},
+            {k: pending.get(k, state[k]) for k in consumer_keys}))
+        for key in producer_keys + consumer_keys:
+            if last_step[key] == index:
+                yield key, pending.pop(key)
+
+
+def smoothing_changes(
+    model: torch.nn.Module, quantized: set[str], input_ids: torch.Tensor,
+    alpha: float | str, batch_size: int = 8,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """SmoothQuant for the linears ``quantized``, all at once: (state-dict key -> smoothed
+    float32 tensor, a report of what was done). The model is not modified; loading the tensors
+    into it leaves its float outputs unchanged (up to rounding), which is what makes smoothing
+    safe. (The quantizer streams ``apply_smoothing`` instead, to hold less memory.)"""
+    plan = plan_smoothing(model, quantized, input_ids, alpha, batch_size)
+    return dict(apply_smoothing(model, plan)), plan.details
 
 
 @hookimpl
