@@ -92,13 +92,19 @@ def _block_output(out: Any) -> torch.Tensor:
 
 def _stages(block: torch.nn.Module, planned: dict[str, torch.nn.Linear], h: torch.Tensor,
             kw: dict[str, Any], where: str) -> list[list[str]]:
-    """The planned linears in call order, grouped into runs that read the same input tensor."""
-    calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
+    """The planned linears in call order, grouped into runs that read the same input tensor.
+
+    "The same" is tensor identity (q/k/v get one ``hidden_states`` object, gate/up one ``x``),
+    with every input kept referenced until the end, as the sensitivity pass does. Not the data
+    pointer: once o_proj's input is freed, the allocator may hand its memory (same shape on
+    Llama) to the MLP's input, and o_proj would then be grouped with gate/up and lend them its
+    Hessian; whether that happens depended on what had run before in the process."""
+    calls: list[tuple[str, torch.Tensor]] = []
 
     def hook_for(local: str) -> Callable[[torch.nn.Module, tuple], None]:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             if all(local != seen for seen, _ in calls):
-                calls.append((local, (args[0].data_ptr(), tuple(args[0].shape))))
+                calls.append((local, args[0]))  # the reference keeps its memory from reuse
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(local))
@@ -114,12 +120,12 @@ def _stages(block: torch.nn.Module, planned: dict[str, torch.nn.Linear], h: torc
                              "forward, so no Hessian can be measured for it")
     stages: list[list[str]] = []
     previous = None
-    for local, key in calls:
-        if stages and key == previous:
+    for local, tensor in calls:
+        if stages and tensor is previous:
             stages[-1].append(local)
         else:
             stages.append([local])
-        previous = key
+        previous = tensor
     return stages
 
 
