@@ -133,6 +133,14 @@ def test_plot_draws_every_measured_point_and_the_front(tmp_path: Path) -> None:
     assert plotted.reference == (270.0, 25.0)
     assert plotted.left_out == ["rtn-mixed-1", "clustering-w2"]
     assert plotted.log_y  # 25 .. 5000 spans far more than the linear threshold
+    # rtn-w2 (5000) squeezes the rest: a linear panel shows those within 1.6x of the best (25)
+    assert sorted(plotted.zoomed) == sorted(label for label, (_, ppl) in measured.items()
+                                            if ppl <= 25.0 * 1.6) == [
+        "gptq-mixed-3.5", "gptq-w3", "gptq-w4", "rtn-w4"]
+    # without the outlier every point is in view: one panel, narrower
+    single = plot_tradeoff([r for r in rows if r["label"] != "rtn-w2"], tmp_path / "close.png",
+                           "close")
+    assert single.zoomed == [] and width > 1.4 * _png_size(tmp_path / "close.png")[0]
 
 
 def test_plot_of_close_points_is_linear_and_handles_no_reference(tmp_path: Path) -> None:
@@ -140,5 +148,5 @@ def test_plot_of_close_points_is_linear_and_handles_no_reference(tmp_path: Path)
              "perplexity": 20.0 - i} for i in range(3)]
     plotted = plot_tradeoff(rows, tmp_path / "p.png", "linear")
     _png_size(tmp_path / "p.png")
-    assert not plotted.log_y and plotted.reference is None
+    assert not plotted.log_y and plotted.reference is None and plotted.zoomed == []
     assert len(plotted.points) == 3 and len(plotted.front) == 3  # each is a trade-off
