@@ -81,6 +81,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rerun", action="store_true", help="run registered points again")
     parser.add_argument("--database-url", default=os.environ.get("QUANTMILL_DATABASE_URL"))
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the report's context (e.g. how its runs were made)")
     args = parser.parse_args()
 
     import torch
@@ -89,7 +91,9 @@ def main() -> int:
     from quantmill.plugins.progress import use_sink
 
     text = batch_text(args.batch, args.windows, args.calibration_samples)
-    command = " ".join(["bench/tradeoff_bench.py", *sys.argv[1:]])
+    shown = [a for i, a in enumerate(sys.argv[1:])
+             if a != "--note" and (i == 0 or sys.argv[i] != "--note")]  # notes go in the context
+    command = " ".join(["bench/tradeoff_bench.py", *shown])
     machine = (f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__} with "
                f"{torch.get_num_threads()} threads, one point at a time.")
     context = [machine]
@@ -97,6 +101,7 @@ def main() -> int:
         context.append(f"Quick check, NOT the protocol above: perplexity windows "
                        f"{args.windows or 'as in the batch'}, calibration samples "
                        f"{args.calibration_samples or 'as in the batch'}.")
+    context += args.note
     with use_sink(PrintSink()):
         report, paths = run_batch(text, args.batch, args.out, args.database_url,
                                   only=args.only or None, rerun=args.rerun, command=command,

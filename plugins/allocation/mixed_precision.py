@@ -62,9 +62,17 @@ With GPTQ's current defaults (range search and scale refit on) at 3.5 bits, same
 candidates (2 bits g64/g128, 3 bits g32/g64/g128, 4 bits g32/g64/g128/per-channel, 8 bits g128)
 30.39 and 30.08 (29.86 with the refit, now the default). Uniform 4-bit: 28.53 (defaults), 27.5
 (recommended). So 3.5 bits still does not reach uniform 4-bit GPTQ; closing that gap needs a
-stronger low-bit format than any candidate here, not a better allocation. The sensitivity pass takes
-3.4 s on the H100 and about 9 minutes on the 2 shared CPU cores of the development machine
-(under a load of 3 to 11 from other jobs).
+stronger low-bit format than any candidate here, not a better allocation. Executed by
+clustering (codebooks of 2/3/4/8 bits, H100): 30.16 at 3.5 bits, 28.16 at 4.0
+(bench/results/clustering-mixed-cuda-experiments.json), no closer.
+
+On the CPU, in the trade-off batch (bench/results/tradeoff.md: GPTQ recommended settings, the
+batch's four candidates, 2 cores alone): 56.18 / 38.95 / 30.41 / 28.42 / 26.75 at 2.5 / 3.0 /
+3.5 / 4.0 / 4.5 average bits; uniform GPTQ 88.30 / 33.72 / 27.59 and clustering 81.03 / 32.97 /
+27.08 at 2 / 3 / 4 bits. Every budget is at or below the best uniform point no larger than it
+(every mixed point is on the Pareto front); 3.5 bits is not at uniform 4-bit GPTQ (30.41 against
+27.59). The sensitivity pass takes 3.4 s on the H100 and 4.7 minutes on the 2 CPU cores (once
+for the five budgets: ``reuse_sensitivity``).
 """
 
 from __future__ import annotations

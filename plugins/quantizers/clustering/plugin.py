@@ -27,10 +27,14 @@ Cost per weight (what the size evaluator reports): bits + rows/rows_per_codebook
 spends on its scales, zeros and g_idx.
 
 Measured on SmolLM2-135M (64 x 512 calibration tokens, 40 x 512 WikiText-2 test tokens, 2 CPU
-cores): 3 bits reaches perplexity 35.3 with ``compensate`` (205 s; GPTQ w3g128 with its
-recommended settings: 34.1 in 114 s) and 48.2 without it (74 s; RTN w3g128: 114.9). Most of the
-compensated time is the block-by-block forward passes, which run up to each stage's first linear
-(about 2.5 block forwards per block, where GPTQ's Llama-specific staging needs one).
+cores; bench/results/tradeoff.md): 3 bits reaches perplexity 32.97 with ``compensate`` (219-247
+s; GPTQ w3g128 with its recommended settings: 33.72 in 112 s) and 48.2 without it (74 s; RTN
+w3g128: 114.9); 4 bits 27.08 (GPTQ w4g128 recommended: 27.59); 2 bits 81.0 (GPTQ: 88.3). Before
+the stage detection followed tensor identity, a freed input's memory reused by the next one
+could merge o_proj with gate/up and give them its Hessian: 35.3 or 77.5 at 3 bits, depending on
+what had run before in the process. Most of the compensated time is the block-by-block forward
+passes, which run up to each stage's first linear (about 2.5 block forwards per block, where
+GPTQ's Llama-specific staging needs one).
 """
 
 from __future__ import annotations
