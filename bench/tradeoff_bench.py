@@ -91,8 +91,8 @@ def main() -> int:
     from quantmill.plugins.progress import use_sink
 
     text = batch_text(args.batch, args.windows, args.calibration_samples)
-    shown = [a for i, a in enumerate(sys.argv[1:])
-             if a != "--note" and (i == 0 or sys.argv[i] != "--note")]  # notes go in the context
+    shown = [a for i, a in enumerate(sys.argv[1:])  # notes go in the context, not here
+             if a != "--note" and not a.startswith("--note=") and sys.argv[i] != "--note"]
     command = " ".join(["bench/tradeoff_bench.py", *shown])
     machine = (f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__} with "
                f"{torch.get_num_threads()} threads, one point at a time.")

@@ -251,7 +251,9 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
     default = job.quantizer.default_spec()
     if default is None:
         raise RuntimeError(f"quantizer '{job.quantizer.name}' has no default spec")
+    planning = time.perf_counter()
     plan = job.allocator.plan(loaded.model, quantizable, default, calibration)
+    plan_seconds = time.perf_counter() - planning
     started = time.perf_counter()
     result = job.quantizer.quantize(loaded.model, plan, calibration)
     quantize_seconds = time.perf_counter() - started
@@ -270,6 +272,7 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
         "plan": plan.to_json(),
         "plan_details": _jsonable(plan.details),
         "quantize_seconds": round(quantize_seconds, 3),
+        "plan_seconds": round(plan_seconds, 3),
         "details": _jsonable(result.details),
         "export": _jsonable(summary),
     }
@@ -312,6 +315,7 @@ def register_step(
         )], metrics=metrics, details={"plan": quantized["plan"],
                                       "plan_details": quantized.get("plan_details", {}),
                                       "quantize_seconds": quantized["quantize_seconds"],
+                                      "plan_seconds": quantized.get("plan_seconds"),
                                       "quantizer": quantized["details"]})
         return reg.get_artifact(stored["sha256"]).id
 

@@ -273,10 +273,11 @@ NOTES = """\
   weight costs with its scales, zeros, group indices or codebooks.
 - The reference row is the base model under the same evaluators; its size is its parameters at
   16 bits (an fp16 checkpoint), its source file being {source}.
-- wall s is the registry run's duration (quantize, evaluate, upload, register); `*` marks the run
-  that also measured the base model. quantize s is the quantizer (and allocator) alone; `†`
-  marks a mixed-precision point whose allocator reused the sensitivity table an earlier point
-  measured on the same model, calibration and settings (its time leaves that measurement out).
+- wall s is the registry run's duration (plan, quantize, evaluate, upload, register); `*` marks
+  the run that also measured the base model; `†` a mixed-precision point whose allocator reused
+  the sensitivity table an earlier point measured on the same model, calibration and settings
+  (its wall time leaves that measurement out). quantize s is the quantizer alone (the
+  allocator's plan is `plan_seconds` in the run's details).
 - Pareto: no other point is both smaller and better (ties stay on the front).
 """
 

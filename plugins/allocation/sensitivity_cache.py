@@ -2,12 +2,14 @@
 
 Why: a trade-off batch plans several budgets (2.5 to 4.5 average bits) for one model. The
 sensitivity table does not depend on the budget, and measuring it is the slow part of planning
-(about 9 minutes for SmolLM2-135M on 2 CPU cores), while choosing formats from it takes
-milliseconds. So the allocator keeps the last few tables, keyed by what they depend on:
+(62 s for SmolLM2-135M on 2 quiet CPU cores, several minutes under load), while choosing
+formats from it takes milliseconds. So the allocator keeps the last few tables, keyed by what
+they depend on:
 
 * the model's content: a BLAKE2b digest of every parameter and buffer (deferred, meta-device
-  weights are fetched for the digest, one at a time), so a changed or different model never hits
-  a stale table, whatever object holds it;
+  weights are fetched for the digest, one at a time, and hashed as the fetcher gives them, which
+  is how the measurement sees them), with the model's class and config, so a changed or
+  different model never hits a stale table, whatever object holds it;
 * the calibration token ids actually used;
 * the measurement settings (modules, candidate formats, symmetry, weight kind, weighting,
   samples, batch size, device type).
@@ -39,13 +41,17 @@ _tables: OrderedDict[str, Sensitivity] = OrderedDict()
 def _digest_tensor(digest: hashlib.blake2b, name: str, tensor: torch.Tensor) -> None:
     data = tensor.detach().to("cpu").contiguous()
     digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if data.numel():  # the array's own buffer: no extra copy of a large tensor
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
 
 
 def model_fingerprint(model: torch.nn.Module) -> str | None:
     """Digest of every parameter and buffer of ``model`` (None if a deferred weight cannot be
     fetched). Shared (tied) parameters count once, under their first name."""
     digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    described = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}|{described}".encode())
     fetcher = deferred.fetcher_of(model)
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
@@ -56,7 +62,7 @@ def model_fingerprint(model: torch.nn.Module) -> str | None:
                 fetched = fetcher.fetch([name])[name]
             except (KeyError, OSError, ValueError):
                 return None
-            _digest_tensor(digest, name, fetched.to(tensor.dtype))
+            _digest_tensor(digest, name, fetched)
         else:
             _digest_tensor(digest, name, tensor)
     return digest.hexdigest()

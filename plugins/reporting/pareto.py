@@ -121,9 +121,9 @@ def tradeoff_cells(row: dict[str, Any]) -> list[str]:
         "perplexity": fmt(row.get("perplexity")),
         "size_mb": fmt(row.get("size_mb"), 1),
         "bits_per_weight": fmt(row.get("bits_per_weight")),
-        "wall_s": fmt(row.get("wall_s"), 1) + (" *" if row.get("measured_base") else ""),
-        "quantize_s": fmt(row.get("quantize_s"), 1)
+        "wall_s": fmt(row.get("wall_s"), 1) + (" *" if row.get("measured_base") else "")
         + (" †" if row.get("reused_sensitivity") else ""),
+        "quantize_s": fmt(row.get("quantize_s"), 1),
         "pareto": "yes" if row.get("pareto") else "",
         "status": status,
     }

@@ -4,6 +4,7 @@ GPTQ checkpoint that round-trips exactly."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -468,9 +469,46 @@ def test_a_changed_model_or_calibration_is_measured_again(tiny_llama, calibratio
 
     other_ids = CalibrationSet(calibration.input_ids.flip(0), {"test": True})
     allocator.plan(tiny_llama, names, RTN_SPEC, other_ids)
-    _allocator(avg_bits=4.5, reuse_sensitivity=True, weighting="fisher").plan(
+    assert len(counted_measurements) == 3
+
+
+@pytest.mark.parametrize("change", [
+    {"weighting": "fisher"},
+    {"num_samples": 3},
+    {"batch_size": 1},
+    {"candidates": [{"bits": 3, "group_size": 32}, {"bits": 8, "group_size": 32}]},
+    {"candidates": [{"bits": b, "group_size": 16} for b in (2, 3, 4, 8)]},
+    {"spec": ModuleQuantSpec(bits=4, group_size=32, sym=True, method="rtn")},
+    {"names": "without lm_head side"},
+])
+def test_every_setting_of_the_measurement_is_in_the_key(tiny_llama, calibration,
+                                                        counted_measurements, change) -> None:
+    names = quantizable_linears(tiny_llama)
+    _allocator(avg_bits=8.0, reuse_sensitivity=True).plan(tiny_llama, names, RTN_SPEC,
+                                                          calibration)
+    options = {k: v for k, v in change.items() if k not in ("spec", "names")}
+    spec = change.get("spec", RTN_SPEC)
+    subset = names[:-2] if "names" in change else names
+    plan = _allocator(avg_bits=8.0, reuse_sensitivity=True, **options).plan(
+        tiny_llama, subset, spec, calibration)
+    assert len(counted_measurements) == 2 and plan.details["sensitivity_reused"] is False
+
+
+def test_a_reused_table_is_a_copy_and_costs_this_plan_nothing(tiny_llama, calibration) -> None:
+    names = quantizable_linears(tiny_llama)
+    first = _allocator(avg_bits=4.5, reuse_sensitivity=True).plan(
         tiny_llama, names, RTN_SPEC, calibration)
-    assert len(counted_measurements) == 4
+    stored = next(iter(sensitivity_cache._tables.values()))
+    stored_before = copy.deepcopy(stored.damages)
+    first.details["sensitivity"][names[0]]["damage"]["w2g32"] = -1.0  # a caller edits its plan
+    second = _allocator(avg_bits=4.5, reuse_sensitivity=True).plan(
+        tiny_llama, names, RTN_SPEC, calibration)
+    second.details["sensitivity"][names[1]]["damage"]["w2g32"] = -1.0
+    assert stored.damages == stored_before
+    assert second.details["sensitivity"][names[0]]["damage"]["w2g32"] > 0
+    assert second.details["sensitivity_seconds"] == 0.0
+    assert second.details["sensitivity_measured_seconds"] == first.details[
+        "sensitivity_seconds"] > 0
 
 
 def test_deferred_weights_are_fingerprinted_by_content_and_stay_deferred(

@@ -75,7 +75,8 @@ def _rows() -> list[dict]:
         {"label": "rtn-w2", "method": "rtn", "bits": 2, "status": "succeeded",
          "size_mb": 90.0, "perplexity": 5000.0},
         {"label": "gptq-mixed-3.5", "method": "gptq", "budget": 3.5, "status": "succeeded",
-         "size_mb": 110.0, "perplexity": 29.9, "quantize_s": 95.0, "reused_sensitivity": True},
+         "size_mb": 110.0, "perplexity": 29.9, "quantize_s": 95.0, "wall_s": 40.0,
+         "reused_sensitivity": True},
         {"label": "rtn-mixed-1", "method": "rtn", "budget": 1.0, "status": "failed",
          "error": "ConfigError: budget | too small"},
         {"label": "clustering-w2", "method": "clustering", "bits": 2, "status": "succeeded",
@@ -99,7 +100,7 @@ def test_markdown_table() -> None:
     gptq4 = next(line for line in lines if line.startswith("| gptq-w4 "))
     assert "| 27.40 |" in gptq4 and "| 116.0 |" in gptq4 and "| yes |" in gptq4
     mixed = next(line for line in lines if "gptq-mixed-3.5" in line)
-    assert "| avg 3.5 |" in mixed and "| 95.0 † |" in mixed
+    assert "| avg 3.5 |" in mixed and "| 95.0 |" in mixed and "| 40.0 † |" in mixed
     assert "†" not in "".join(line for line in lines if "gptq-mixed" not in line)
     assert "12.5 *" in next(line for line in lines if line.startswith("| rtn-w4 "))
     failed = next(line for line in lines if "rtn-mixed-1" in line)
