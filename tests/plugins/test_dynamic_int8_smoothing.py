@@ -354,8 +354,16 @@ def test_smoothed_tensors_stream_out_and_are_not_kept(monkeypatch: pytest.Monkey
     time, not the whole model's."""
     model = outlier_llama(bias=True)
     ids = calibration().input_ids
-    together, _ = smoothing_changes(model, all_linears(model), ids, 0.5, batch_size=4)
     plan = plan_smoothing(model, all_linears(model), ids, 0.5, batch_size=4)
+    # reference, independent of the streaming code: every group applied in turn to one dict
+    state = dict(model.state_dict())
+    together: dict[str, torch.Tensor] = {}
+    for group, scales in plan.steps:
+        producer = {k: together.get(k, state[k]) for k in
+                    (f"{group.producer}.weight", f"{group.producer}.bias") if k in state}
+        consumers = {f"{c}.weight": together.get(f"{c}.weight", state[f"{c}.weight"])
+                     for c in group.consumers}
+        together.update(smoothed_tensors(scales, producer, consumers))
     from quantmill.plugins.quantizers.dynamic_int8 import plugin
 
     groups_done = []
