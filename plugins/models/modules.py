@@ -6,6 +6,8 @@ import fnmatch
 
 import torch
 
+from quantmill.plugins.errors import QuantmillError
+
 DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "*embed*")
 
 
@@ -24,3 +26,20 @@ def quantizable_linears(
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and not matches_any(name, skip)
     ]
+
+
+def loaded_linears(model: torch.nn.Module, names: list[str] | dict[str, object],
+                   method: str) -> dict[str, torch.nn.Linear]:
+    """The named modules of ``model``, checked to be ``nn.Linear`` with weights in memory
+    (not deferred on the meta device): a quantizer that reads weights directly fails clearly
+    on a plan naming anything else, before doing any work."""
+    modules = dict(model.named_modules())
+    found: dict[str, torch.nn.Linear] = {}
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise QuantmillError(f"{method}: '{name}' is not a linear layer of the model")
+        if module.weight.is_meta:
+            raise QuantmillError(f"{method}: the weight of '{name}' is not loaded")
+        found[name] = module
+    return found

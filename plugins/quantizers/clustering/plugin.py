@@ -55,7 +55,7 @@ from quantmill.plugins.base import (
 )
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
-from quantmill.plugins.models.modules import DEFAULT_SKIP
+from quantmill.plugins.models.modules import DEFAULT_SKIP, loaded_linears
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.clustering.algorithm import (
     CODEBOOK_BITS,
@@ -134,13 +134,7 @@ class ClusteringQuantizer(Quantizer):
         if self.needs_calibration and calibration is None:
             raise QuantmillError("clustering with compensate or hessian_diag weighting needs a "
                                  "calibration set")
-        modules = dict(model.named_modules())
-        for name in plan.modules:
-            module = modules.get(name)
-            if not isinstance(module, torch.nn.Linear):
-                raise QuantmillError(f"clustering: '{name}' is not a linear layer of the model")
-            if module.weight.is_meta:
-                raise QuantmillError(f"clustering: the weight of '{name}' is not loaded")
+        modules = loaded_linears(model, plan.modules, self.name)
         device = model.get_input_embeddings().weight.device
         if c.compensate:
             assert calibration is not None

@@ -53,6 +53,7 @@ from quantmill.plugins.base import (
 )
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
+from quantmill.plugins.models.modules import loaded_linears
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.dynamic_int8.algorithm import quantize_weight
 from quantmill.plugins.quantizers.dynamic_int8.groups import (
@@ -144,13 +145,7 @@ class DynamicInt8Quantizer(Quantizer):
                 f"plan asks for {spec.bits}-bit group size {spec.group_size} "
                 f"{'symmetric' if spec.sym else 'asymmetric'} for '{name}' "
                 f"({len(other)} module(s) differ); use allocator 'uniform'")
-        modules = dict(model.named_modules())
-        for name in plan.modules:
-            linear = modules.get(name)
-            if not isinstance(linear, torch.nn.Linear):
-                raise QuantmillError(f"'{name}' is not a linear layer of the model")
-            if linear.weight.is_meta:
-                raise QuantmillError(f"dynamic_int8: the weight of '{name}' is not loaded")
+        modules = loaded_linears(model, plan.modules, self.name)
         smoothing = SmoothingPlan([], {"used": False})
         if self.config.smooth:
             if calibration is None:
