@@ -123,7 +123,8 @@ def main() -> None:
             results["runs"][name] = run_one(CONFIGS[name], args.gguf, args.calibration,
                                             args.windows, Path(tmp))
         print(name, json.dumps(results["runs"][name]), flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        # written after every configuration: a run cut short keeps what it finished
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,16 @@ batch's four candidates, 2 cores alone): 56.18 / 38.95 / 30.41 / 28.42 / 26.75 a
 (every mixed point is on the Pareto front); 3.5 bits is not at uniform 4-bit GPTQ (30.41 against
 27.59). The sensitivity pass takes 3.4 s on the H100 and 62 s on the 2 quiet CPU cores (once
 for the five budgets: ``reuse_sensitivity``).
+
+Two further levers, measured for the 3.5-bit point (bench/results/rotation-tuning-cuda-
+experiments.json): GPTQ's ``block_tuning`` (each block's scales, and optionally norms, fitted to
+the float block's output) and random input rotations (QuIP#/QuaRot-style incoherence,
+``bench/rotation_experiment.py``, an experiment: no checkpoint format holds them yet). On the
+H100, rotated: 28.93; with ten candidates 28.75; with block tuning 28.27 (10 epochs: 28.27;
+both: 28.25); uniform 4-bit GPTQ rotated: 26.79. On the CPU, rotated: 29.06 (clustering
+executing the plan: 29.27), uniform 3-bit 31.84 (33.72 unrotated). So rotations and tuning
+together move 3.5 bits from 30.41 to about 28.3, still above uniform 4-bit GPTQ's 27.59; and
+letting block tuning move the codes overfits the 64 x 512 calibration tokens (30.20 and 32.49).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from quantmill.plugins.allocation.cost import Candidate, WeightKind
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models import deferred
+from quantmill.plugins.models.modules import block_output
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.gptq.layerwise import capture_block_inputs, find_decoder_layers
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
@@ -367,7 +368,7 @@ def _block_damages(model: torch.nn.Module, names: Sequence[str],
             with _SharedInputHessians(local, options.device) as acc:
                 for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                     out = work(h.to(options.device), **kw)
-                    hidden[b] = (out[0] if isinstance(out, tuple) else out).to(torch.float32)
+                    hidden[b] = block_output(out).to(torch.float32)
                     acc.end_batch()
             for ln, full in per_block[i].items():
                 damages[full] = candidate_damages(local[ln].weight, acc.hessian(ln), candidates,

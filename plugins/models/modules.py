@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
+from typing import Any
 
 import torch
 
 from quantmill.plugins.errors import QuantmillError
 
 DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "*embed*")
+
+
+def block_output(value: Any) -> torch.Tensor:
+    """A decoder block's output hidden states (transformers before 5 return them in a tuple)."""
+    return value[0] if isinstance(value, tuple) else value
 
 
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

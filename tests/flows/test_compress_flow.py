@@ -116,7 +116,8 @@ def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
 
 def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = tiny_recipe(name="tiny-gptq", quantization={
-        "method": "gptq", "bits": 3, "group_size": 32, "desc_act": True, "damp_percent": 0.02})
+        "method": "gptq", "bits": 3, "group_size": 32, "desc_act": True, "damp_percent": 0.02,
+        "block_tuning": {"epochs": 2, "norms": True}})
     _run_cli("run", str(recipe))
     with Registry.open() as reg:
         [ckpt] = reg.list_artifacts(kind="checkpoint")
@@ -132,6 +133,11 @@ def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     assert len(layers) == 14 and all(v["damp_used"] >= 0.02 for v in layers.values())
     assert 3.0 < metrics["bits_per_weight"] < 4.5 and metrics["perplexity"] > 1
     assert ckpt.metadata["export"]["quantize_config"]["desc_act"] is True
+    # block tuning ran on both blocks, and its losses are in the run's record
+    tuning = run.details["quantizer"]["block_tuning_losses"]
+    assert sorted(tuning) == ["model.layers.0", "model.layers.1"]
+    assert all(t["after"] <= t["before"] for t in tuning.values())
+    assert run.details["quantizer"]["block_tuning"]["norms"] is True
 
 
 def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,

@@ -26,6 +26,7 @@ import torch
 
 from quantmill.plugins.base import ClusteredWeight
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.models.modules import block_output
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.gptq.algorithm import HessianAccumulator
 from quantmill.plugins.quantizers.gptq.layerwise import capture_block_inputs, find_decoder_layers
@@ -84,10 +85,6 @@ def input_second_moments(
     if missing:
         raise QuantmillError(f"clustering: no calibration input reached {', '.join(missing[:3])}")
     return {name: (sums[name] / counts[name]).to(torch.float32) for name in names}
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _stages(block: torch.nn.Module, planned: dict[str, torch.nn.Linear], h: torch.Tensor,
@@ -200,7 +197,7 @@ def quantize_blockwise(
                         result[name] = done[name]
             for h, kw in zip(hidden, kwargs, strict=True):
                 # in place: the same buffers serve every block, so memory stays flat
-                h.copy_(_block_output(work(h, **kw)))
+                h.copy_(block_output(work(h, **kw)))
             del work
             advance(1)
     return result

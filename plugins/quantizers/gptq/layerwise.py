@@ -30,6 +30,7 @@ from quantmill.plugins.base import ModuleQuantSpec, QuantizedWeight
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.memory import release_free_memory
+from quantmill.plugins.models.modules import block_output
 from quantmill.plugins.progress import progress_bar
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
@@ -40,6 +41,7 @@ from quantmill.plugins.quantizers.gptq.algorithm import (
     prepare_hessian,
     split_rows,
 )
+from quantmill.plugins.quantizers.gptq.block_tuning import TuningSettings, TuningStats, tune_block
 
 ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 ATTENTION_OUTPUT = "self_attn.o_proj"
@@ -66,6 +68,8 @@ class LayerwiseOptions:
     #: dtype of the cached o_proj/down_proj inputs (see ``Workspace``); Hessians always see the
     #: float32 activations
     activation_cache: torch.dtype = torch.bfloat16
+    #: block-wise reconstruction tuning after each block's GPTQ (off unless ``epochs > 0``)
+    tuning: TuningSettings = field(default_factory=TuningSettings)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -194,6 +198,9 @@ class Workspace:
 class BlockResult:
     weights: dict[str, QuantizedWeight]
     stats: dict[str, GPTQStats]
+    #: tuned float parameters of the block (local name -> tensor), from block tuning
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    tuning: TuningStats | None = None
 
 
 def linear_weight_before(stacked: torch.Tensor, group: list[str], name: str,
@@ -259,6 +266,38 @@ class BlockQuantizer:
                 self.result.stats[name] = GPTQStats(
                     damp_used=stats.damp_used, dead_inputs=stats.dead_inputs,
                     hessian_error=error)
+
+    @torch.inference_mode()
+    def forward_in_place(self, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+                         inputs: list[torch.Tensor] | None = None) -> None:
+        """``hidden[i] = block(inputs[i])`` (``inputs`` defaults to ``hidden``) with the block's
+        current weights: the float targets before quantization, the tuned outputs after."""
+        for k, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+            x = h if inputs is None else inputs[k]
+            h.copy_(block_output(self.work(x, **kw)))
+
+    def tune(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+             kwargs: list[dict[str, Any]], hidden: list[torch.Tensor]) -> None:
+        """Block tuning (``block_tuning.tune_block``) of the quantized block on ``inputs``
+        (its quantized-stream inputs) towards ``targets`` (the float block's outputs on the
+        float stream); ``hidden`` becomes the tuned block's outputs."""
+        if not self.result.weights:
+            return
+        weights, norms, stats = tune_block(self.work, self.result.weights, inputs, targets,
+                                           kwargs, self.options.tuning)
+        self.result.tuning = stats
+        if not stats.kept:
+            return
+        self.result.weights.update(weights)
+        self.result.float_overrides.update(norms)
+        params = dict(self.work.named_parameters())
+        with torch.inference_mode():
+            for name, w in weights.items():
+                linear = self.modules[name]
+                linear.weight.data = w.dequantize().to(linear.weight.device, linear.weight.dtype)
+            for name, value in norms.items():
+                params[name].data = value.to(params[name].device, params[name].dtype)
+        self.forward_in_place(hidden, kwargs, inputs)
 
     @torch.inference_mode()
     def run(self, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
@@ -344,8 +383,7 @@ def verify_staging(block: torch.nn.Module, h: torch.Tensor, kw: dict[str, Any],
         return value
 
     small_kw = {k: first_sample(v) for k, v in kw.items()}
-    reference = work(x, **small_kw)
-    reference = reference[0] if isinstance(reference, tuple) else reference
+    reference = block_output(work(x, **small_kw))
     h2 = x + m["self_attn"](hidden_states=m["input_layernorm"](x), **small_kw)[0]
     staged = h2 + m["mlp"](m["post_attention_layernorm"](h2))
     if not torch.allclose(reference, staged, rtol=1e-4, atol=1e-4 * float(reference.abs().max())):
@@ -355,11 +393,22 @@ def verify_staging(block: torch.nn.Module, h: torch.Tensor, kw: dict[str, Any],
         )
 
 
+@dataclass
+class LayerwiseResult:
+    weights: dict[str, QuantizedWeight]
+    stats: dict[str, GPTQStats]
+    #: state-dict key -> tensor for float parameters block tuning changed (norm weights)
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: block name -> block tuning's losses
+    tuning: dict[str, TuningStats] = field(default_factory=dict)
+
+
 def quantize_model_layerwise(
     model: torch.nn.Module, plan: dict[str, ModuleQuantSpec], input_ids: torch.Tensor,
     options: LayerwiseOptions,
-) -> tuple[dict[str, QuantizedWeight], dict[str, GPTQStats]]:
-    """GPTQ every planned linear of every decoder block, block by block."""
+) -> LayerwiseResult:
+    """GPTQ every planned linear of every decoder block, block by block (each block tuned
+    afterwards when ``options.tuning`` is enabled)."""
     prefix, layers = find_decoder_layers(model)
     per_block: list[dict[str, ModuleQuantSpec]] = [{} for _ in layers]
     for name, spec in plan.items():
@@ -382,23 +431,41 @@ def quantize_model_layerwise(
     fetcher = deferred.fetcher_of(model)
     verify_staging(layers[0], hidden[0], kwargs[0], options.device, f"{prefix}.0", fetcher)
     packed: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
-    stats: dict[str, GPTQStats] = {}
+    out = LayerwiseResult({}, {})
+    tuning = options.tuning.enabled
+    if tuning:
+        # the float stream (targets) and a copy of each block's quantized-stream inputs
+        float_hidden = list(torch.split(workspace.hidden.clone(), [h.shape[0] for h in hidden]))
+        block_inputs = [h.clone() for h in hidden]
     with progress_bar("quantize (gptq)", total=len(layers)) as advance:
         for i, block in enumerate(layers):
-            result = BlockQuantizer(block, per_block[i], options, f"{prefix}.{i}",
-                                    fetcher).run(hidden, kwargs, workspace)
+            quantizer = BlockQuantizer(block, per_block[i], options, f"{prefix}.{i}", fetcher)
+            if tuning:
+                quantizer.forward_in_place(float_hidden, kwargs)  # float block, float stream
+                for saved, h in zip(block_inputs, hidden, strict=True):
+                    saved.copy_(h)
+            result = quantizer.run(hidden, kwargs, workspace)
+            if tuning:
+                quantizer.tune(block_inputs, float_hidden, kwargs, hidden)
+                if result.tuning is not None:
+                    out.tuning[f"{prefix}.{i}"] = result.tuning
             for local, qw in result.weights.items():
                 packed[f"{prefix}.{i}.{local}"] = _pack_codes(qw)
-                stats[f"{prefix}.{i}.{local}"] = result.stats[local]
-            del result
+                out.stats[f"{prefix}.{i}.{local}"] = result.stats[local]
+            for local, value in result.float_overrides.items():
+                out.float_overrides[f"{prefix}.{i}.{local}"] = value.detach().cpu()
+            del result, quantizer
             # the block's working copy and temporaries are freed (reference counting: the block
             # holds no cycles, so no garbage collection); without handing their pages back,
             # the long-lived results allocated among them pin a little more each block
             release_free_memory(collect=False)
             advance(1)
     del workspace, hidden, kwargs
+    if tuning:
+        del float_hidden, block_inputs
     release_free_memory()
-    return {name: _unpack_codes(*item) for name, item in packed.items()}, stats
+    out.weights = {name: _unpack_codes(*item) for name, item in packed.items()}
+    return out
 
 
 def _pack_codes(qw: QuantizedWeight) -> tuple[QuantizedWeight, torch.Tensor | None]:

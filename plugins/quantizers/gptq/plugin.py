@@ -17,6 +17,12 @@ GPTQModel's settings too)::
       refit_scales: true   # re-solve each row's scales for the chosen codes (Hessian norm)
       batch_size: 8        # calibration samples per forward pass
       activation_cache: bfloat16  # cached o_proj/down_proj inputs; float32 = exact, +1/3 memory
+      block_tuning:        # block-wise reconstruction after each block's GPTQ (block_tuning.py)
+        epochs: 0          # passes over the calibration set; 0 = off
+        lr: 0.001          # Adam on the log-scales (and norms)
+        codes_lr: 0.0      # > 0 lets the integer codes move too (straight-through rounding)
+        norms: false       # also tune the block's RMSNorm weights (written as float overrides)
+        batch_size: 4      # calibration samples per step
 
 Why the two algorithm options are on by default (SmolLM2-135M, 4-bit g128, desc_act off, damp
 0.01, perplexity on the GPTQ benchmark's protocol, measured on an H100,
@@ -34,12 +40,30 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from quantmill.plugins.base import CalibrationSet, QuantizationResult, QuantPlan
+from quantmill.plugins.base import (
+    CalibrationSet,
+    PluginConfig,
+    QuantizationResult,
+    QuantPlan,
+)
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
+from quantmill.plugins.quantizers.gptq.block_tuning import TuningSettings
 from quantmill.plugins.quantizers.gptq.layerwise import LayerwiseOptions, quantize_model_layerwise
 from quantmill.plugins.quantizers.rtn.plugin import RTNQuantizer, UniformSettings
+
+
+class BlockTuningConfig(PluginConfig):
+    """Block-wise reconstruction tuning after each block's GPTQ (``block_tuning.py``)."""
+
+    epochs: int = Field(0, ge=0, le=1000, description="passes over the calibration set; 0: off")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam step on the log-scales and norms")
+    codes_lr: float = Field(0.0, ge=0.0, le=10.0,
+                            description="Adam step on the codes (straight-through); 0 keeps "
+                            "GPTQ's codes")
+    norms: bool = Field(False, description="also tune the block's RMSNorm weights")
+    batch_size: int = Field(4, ge=1, le=1024, description="calibration samples per step")
 
 
 class GPTQConfig(UniformSettings):
@@ -51,6 +75,7 @@ class GPTQConfig(UniformSettings):
     refit_scales: bool = True
     batch_size: int = Field(8, ge=1, le=1024)
     activation_cache: Literal["bfloat16", "float32"] = "bfloat16"
+    block_tuning: BlockTuningConfig = Field(default_factory=BlockTuningConfig)
 
 
 class GPTQQuantizer(RTNQuantizer):
@@ -60,6 +85,11 @@ class GPTQQuantizer(RTNQuantizer):
     Config = GPTQConfig
     needs_calibration = True
     accepts_deferred_weights = True
+
+    def __init__(self, config: PluginConfig | None = None) -> None:
+        super().__init__(config)
+        t = self.config.block_tuning
+        self.changes_float_tensors = t.epochs > 0 and t.norms  # tuned norms are float overrides
 
     def calibration_reason(self) -> str:
         return ("GPTQ's per-layer Hessians are built from calibration activations (method "
@@ -77,9 +107,9 @@ class GPTQQuantizer(RTNQuantizer):
                                    mse_clip=c.mse_clip, refit_scales=c.refit_scales,
                                    batch_size=c.batch_size,
                                    activation_cache=getattr(torch, c.activation_cache),
+                                   tuning=TuningSettings(**c.block_tuning.model_dump()),
                                    device=device)
-        weights, stats = quantize_model_layerwise(model, plan.modules, calibration.input_ids,
-                                                  options)
+        out = quantize_model_layerwise(model, plan.modules, calibration.input_ids, options)
         details = {
             "method": self.name,
             "damp_percent": c.damp_percent,
@@ -89,11 +119,17 @@ class GPTQQuantizer(RTNQuantizer):
             "refit_scales": c.refit_scales,
             "activation_cache": c.activation_cache,
             "calibration_tokens": int(calibration.input_ids.numel()),
+            "block_tuning": c.block_tuning.model_dump(),
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
                               "hessian_error": s.hessian_error}
-                       for name, s in stats.items()},
+                       for name, s in out.stats.items()},
         }
-        return QuantizationResult(weights=weights, plan=plan, details=details)
+        if out.tuning:
+            details["block_tuning_losses"] = {
+                name: {"before": t.loss_before, "after": t.loss_after, "kept": t.kept}
+                for name, t in out.tuning.items()}
+        return QuantizationResult(weights=out.weights, plan=plan, details=details,
+                                  float_overrides=out.float_overrides)
 
 
 @hookimpl
