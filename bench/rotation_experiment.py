@@ -52,6 +52,24 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix (n a power of two), scaled to be orthogonal."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / h.shape[0] ** 0.5
+
+
+def randomized_hadamard(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``diag(signs) @ kron(Q_m, H_{2^k})`` for ``n = m * 2^k`` (m odd): what a checkpoint could
+    store in n bits plus m^2 floats and apply in O(n log n), instead of a dense n x n matrix."""
+    power = n & -n  # the largest power of two dividing n
+    odd = n // power
+    signs = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+    return signs[:, None] * torch.kron(random_orthogonal(odd, generator).contiguous(),
+                                       sylvester_hadamard(power))
+
+
 class RotatedNorm(torch.nn.Module):
     """``norm(h) @ R``: the rotated input of the linears that read this norm."""
 
@@ -78,15 +96,18 @@ class RotatedMLP(torch.nn.Module):
 
 
 @torch.no_grad()
-def rotate(model: torch.nn.Module, seed: int) -> None:
-    """Rewrite every decoder block of a Llama-style model as described above (in place)."""
+def rotate(model: torch.nn.Module, seed: int, kind: str = "dense") -> None:
+    """Rewrite every decoder block of a Llama-style model as described above (in place);
+    ``kind`` "dense" (Haar-random) or "hadamard" (``randomized_hadamard``)."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
 
+    make = {"dense": random_orthogonal, "hadamard": randomized_hadamard}[kind]
+
     def rotation(n: int) -> torch.Tensor:
-        return random_orthogonal(n, generator).to(device)
+        return make(n, generator).to(device)
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -136,7 +157,7 @@ def run(name: str, config: dict, gguf: Path, calib: Path, device: torch.device,
         probe = load_file(str(calib))["input_ids"][:1, :64].to(device)
         with torch.no_grad():
             before = model(input_ids=probe).logits
-            rotate(model, config.get("seed", 0))
+            rotate(model, config.get("seed", 0), config.get("rotation", "dense"))
             after = model(input_ids=probe).logits
         exactness = float((after - before).abs().max() / before.abs().max())
     options = dict(config["quantizer"])
@@ -172,7 +193,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--config", action="append", required=True, metavar="NAME=JSON",
                         help="'quantizer' (options with 'method'), optional 'allocator', "
-                        "'allocator_options', 'rotate' (default true), 'seed'")
+                        "'allocator_options', 'rotate' (default true), 'rotation' ('dense' or "
+                        "'hadamard'), 'seed'")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     gguf = args.gguf or demo_gguf()

@@ -31,6 +31,16 @@ with both 28.53 (GPTQModel 7.6.0 with the same settings: 31.62 on CPU). At 3 bit
 38.95 -> 37.54. Both turned off (``mse_clip: false, refit_scales: false``) give the textbook
 algorithm GPTQModel runs. Recommended for quality: ``desc_act: true, static_groups: true,
 damp_percent: 0.001`` (27.5 at 4-bit g128, 34.0 at 3 bits).
+
+Block tuning is off by default because it costs far more than GPTQ itself on a CPU (each block:
+``epochs`` x samples/``batch_size`` steps of forward and backward through the block) for a
+modest gain: SmolLM2-135M, mixed precision at 3.5 average bits, scales and norms, 5 epochs:
+30.42 -> 30.15 on 2 CPU cores (29 extra minutes, 18 of them sharing the cores with the test
+suite); with the experimental input rotations of bench/rotation_experiment.py (scales only),
+28.93 -> 28.27 on an H100 (about 15 extra seconds). Letting the codes move (``codes_lr``)
+overfits the 64 x 512 calibration tokens (H100, unrotated: 30.20 and 32.49, against 29.99
+with scales and norms alone). bench/results/rotation-tuning-cuda-experiments.json has every
+run.
 """
 
 from __future__ import annotations
