@@ -176,9 +176,7 @@ def run(name: str, config: dict, gguf: Path, calib: Path, device: torch.device,
         for module_name, weight in result.weights.items():
             target = modules[module_name].weight
             target.copy_(weight.dequantize().to(target.device))
-        for key, value in result.float_overrides.items():
-            # a rotated block's norm lives one level down (RotatedNorm.norm)
-            key = key.replace("layernorm.weight", "layernorm.norm.weight") if rotated else key
+        for key, value in result.float_overrides.items():  # block tuning's norms (unrotated)
             state[key].copy_(value)
     return {"name": name, "config": config, "rotation_relative_error": exactness,
             "quantize_s": quantize_s, "perplexity": perplexity(loaded, windows)}

@@ -6,20 +6,31 @@ was, and tuned norm weights reach the checkpoint."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantmill.plugins.base import CalibrationSet, LoadedModel, QuantPlan
+from quantmill.plugins.base import CalibrationSet, LoadedModel, ModuleQuantSpec, QuantPlan
+from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.formats.gptq import write_gptq_checkpoint
-from quantmill.plugins.models.modules import quantizable_linears
+from quantmill.plugins.models.modules import block_output, quantizable_linears
 from quantmill.plugins.models.sources import GPTQCheckpointSource
 from quantmill.plugins.quantizers.gptq.block_tuning import (
     TuningSettings,
+    _split,
+    _split_kwargs,
     round_ste,
     tune_block,
+)
+from quantmill.plugins.quantizers.gptq.layerwise import (
+    BLOCK_LINEARS,
+    BlockQuantizer,
+    LayerwiseOptions,
+    Workspace,
+    capture_block_inputs,
 )
 from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
@@ -123,11 +134,107 @@ def test_tuning_that_cannot_help_keeps_gptq_result(tiny_llama) -> None:
     with torch.no_grad():
         out = block(x, **kwargs)
         target = out[0] if isinstance(out, tuple) else out
-    tuned, norms, stats = tune_block(block, weights, [x], [target], [kwargs],
-                                     TuningSettings(epochs=3, lr=1e-2, batch_size=2))
-    assert not stats.kept and stats.loss_before < 1e-10
-    assert norms == {}
-    assert all(tuned[n] is weights[n] for n in weights)
+    tuned = tune_block(block, weights, [x], [target], [kwargs],
+                       TuningSettings(epochs=3, lr=1e-2, batch_size=2))
+    assert not tuned.stats.kept and tuned.stats.loss_before < 1e-10
+    assert tuned.norms == {} and tuned.dense == {}
+    assert all(tuned.weights[n] is weights[n] for n in weights)
+
+
+def _one_block_case(tiny_llama, bits: int = 3):
+    """Block 0 of the tiny model with RTN weights, random inputs, float targets."""
+    block = copy.deepcopy(tiny_llama.model.layers[0])
+    target_block = tiny_llama.model.layers[0]
+    weights = {name: quantize_groups(block.get_submodule(name).weight.detach(), bits, 32,
+                                     sym=False)
+               for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    with torch.no_grad():
+        for name, qw in weights.items():
+            block.get_submodule(name).weight.copy_(qw.dequantize())
+    x = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(3))
+    kwargs = {"position_embeddings": tiny_llama.model.rotary_emb(x, torch.arange(8)[None])}
+    with torch.no_grad():
+        target = block_output(target_block(x, **kwargs))
+    return block, weights, x, target, kwargs
+
+
+def test_a_non_finite_loss_is_not_kept(tiny_llama) -> None:
+    """A NaN loss (a diverging step, or a NaN in the data) compares false with everything, so
+    "not lower" must be said explicitly: GPTQ's result stands."""
+    block, weights, x, target, kwargs = _one_block_case(tiny_llama)
+    target = target.clone()
+    target[0, 0, 0] = float("nan")
+    tuned = tune_block(block, weights, [x], [target], [kwargs],
+                       TuningSettings(epochs=2, lr=1e-2, batch_size=4))
+    assert math.isnan(tuned.stats.loss_after)
+    assert not tuned.stats.kept and all(tuned.weights[n] is weights[n] for n in weights)
+
+
+def test_kept_tuning_returns_what_the_block_should_run(tiny_llama) -> None:
+    block, weights, x, target, kwargs = _one_block_case(tiny_llama)
+    tuned = tune_block(block, weights, [x], [target], [kwargs],
+                       TuningSettings(epochs=10, lr=1e-2, batch_size=2))
+    assert tuned.stats.kept and tuned.stats.loss_after < tuned.stats.loss_before
+    for name, dense in tuned.dense.items():
+        assert torch.equal(dense, tuned.weights[name].dequantize())
+
+
+def test_norms_requested_on_a_block_without_them_is_an_error(tiny_llama) -> None:
+    block, weights, x, target, kwargs = _one_block_case(tiny_llama)
+    block.input_layernorm = torch.nn.Sequential(block.input_layernorm)  # renamed parameter
+    with pytest.raises(QuantmillError, match="norms: true"):
+        tune_block(block, weights, [x], [target], [kwargs],
+                   TuningSettings(epochs=1, norms=True))
+
+
+def test_steps_slice_per_sample_arguments_only() -> None:
+    """A [n, 1, s, s] mask is cut with its batch; batch-1 rotary tables and 1-d positions of
+    length n are shared by every step."""
+    n, seq = 4, 4
+    batch = torch.randn(n, seq, 8)
+    mask = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, seq, seq)
+    cos = torch.randn(1, seq, 8)
+    positions = torch.arange(seq)  # 1-d, length == n by coincidence
+    steps = _split_kwargs([{"attention_mask": mask, "position_embeddings": (cos, cos),
+                            "cache_position": positions}], [batch], 3)
+    assert [s["attention_mask"].shape[0] for s in steps] == [3, 1]
+    assert torch.equal(steps[1]["attention_mask"], mask[3:])
+    assert all(s["position_embeddings"][0] is cos and s["cache_position"] is positions
+               for s in steps)
+    assert [b.shape[0] for b in _split([batch], 3)] == [3, 1]
+
+
+def test_block_stream_targets_and_tuned_outputs(tiny_llama, calib_ids) -> None:
+    """In the layer-by-layer pass: the targets are the float model's hidden states, and after
+    a kept tuning the stream holds the tuned block's outputs (what the next block must see)."""
+    ids = calib_ids[:8, :32]
+    model = tiny_llama
+    first = model.model.layers[0]
+    options = LayerwiseOptions(activation_cache=torch.float32,
+                               tuning=TuningSettings(epochs=4, lr=3e-3))
+    workspace = Workspace.allocate(ids, first, options.device, options.activation_cache)
+    hidden, kwargs = capture_block_inputs(model, first, ids, 4, options.device,
+                                          into=workspace.hidden)
+    kwargs = [{k: v for k, v in kw.items() if k not in ("use_cache", "past_key_values")}
+              for kw in kwargs]
+    specs = {n: ModuleQuantSpec(3, 32, False, "gptq") for n in BLOCK_LINEARS}
+    quantizer = BlockQuantizer(first, specs, options, "model.layers.0")
+    targets = [h.clone() for h in hidden]
+    quantizer.forward_in_place(targets, kwargs)
+    with torch.no_grad():
+        reference = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(torch.cat(targets), reference, atol=1e-5)
+    inputs = [h.clone() for h in hidden]
+    result = quantizer.run(hidden, kwargs, workspace)
+    quantizer.tune(inputs, targets, kwargs, hidden)
+    assert result.tuning is not None and result.tuning.kept
+    tuned_block = copy.deepcopy(first)
+    with torch.no_grad():
+        for name, qw in result.weights.items():
+            tuned_block.get_submodule(name).weight.copy_(qw.dequantize())
+        expected = [block_output(tuned_block(x, **kw))
+                    for x, kw in zip(inputs, kwargs, strict=True)]
+    assert torch.allclose(torch.cat(hidden), torch.cat(expected), atol=1e-5)
 
 
 def test_tuned_norms_reach_the_checkpoint(tiny_llama, calib_ids, tmp_path: Path) -> None:

@@ -28,14 +28,16 @@ lower than GPTQ's; otherwise GPTQ's result stands.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.func import functional_call
 
 from quantmill.plugins.base import QuantizedWeight
+from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models.modules import block_output
 
 #: the block's float parameters that ``norms`` tunes
@@ -50,7 +52,9 @@ class TuningSettings:
     lr: float = 1e-3  # Adam, on the log-scales (and norms)
     codes_lr: float = 0.0  # Adam on the continuous codes; 0 keeps GPTQ's codes
     norms: bool = False
-    batch_size: int = 4  # calibration samples per step
+    #: calibration samples per step (steps never span two of GPTQ's calibration batches, so at
+    #: most GPTQ's ``batch_size``)
+    batch_size: int = 4
     seed: int = 0
 
     @property
@@ -65,6 +69,19 @@ class TuningStats:
     loss_before: float
     loss_after: float
     kept: bool
+
+
+@dataclass
+class TunedBlock:
+    """What ``tune_block`` hands back. When not ``stats.kept``, ``weights`` are GPTQ's own and
+    ``dense``/``norms`` are empty."""
+
+    weights: dict[str, QuantizedWeight]
+    stats: TuningStats
+    #: the tuned weights dequantized, on the block's device (what the block should now run)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: tuned norm weights (local parameter name -> tensor), rounded as the checkpoint stores them
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -138,22 +155,25 @@ def tune_block(
     block: torch.nn.Module, weights: dict[str, QuantizedWeight],
     inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
     kwargs: Sequence[dict[str, Any]], settings: TuningSettings,
-) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], TuningStats]:
+) -> TunedBlock:
     """Fit ``block`` with ``weights`` (local module name -> GPTQ result) so that
     ``block(inputs[i])`` approaches ``targets[i]``.
 
     ``inputs``/``targets``/``kwargs`` are per calibration batch (``[batch, seq, hidden]``); they
-    are split into steps of ``settings.batch_size`` samples. Returns the tuned weights, the tuned
-    norm weights (local parameter name -> tensor; empty unless ``settings.norms``) and the
-    losses. When tuning does not lower the loss, GPTQ's weights come back unchanged.
+    are split into steps of at most ``settings.batch_size`` samples. When tuning does not lower
+    the loss (or the loss is not finite), GPTQ's weights come back unchanged.
     """
+    params = dict(block.named_parameters())
+    if settings.norms and not all(name in params for name in NORM_WEIGHTS):
+        raise QuantmillError(
+            f"gptq block_tuning: norms: true, but the block has no {' / '.join(NORM_WEIGHTS)} "
+            "parameters (set norms: false for this architecture)")
     with torch.inference_mode(False), torch.enable_grad():
         device = inputs[0].device
         tunables = {name: TunableWeight(w, device, codes=settings.codes_lr > 0)
                     for name, w in weights.items()}
-        params = dict(block.named_parameters())
         norms = {name: params[name].detach().clone().float().requires_grad_(True)
-                 for name in NORM_WEIGHTS if settings.norms and name in params}
+                 for name in NORM_WEIGHTS if settings.norms}
         steps_inputs = _split(inputs, settings.batch_size)
         steps_targets = _split(targets, settings.batch_size)
         steps_kwargs = [_detached_copy(kw) for kw in _split_kwargs(kwargs, inputs,
@@ -180,18 +200,21 @@ def tune_block(
                 loss.backward()
                 optimizer.step()
         tuned = {name: t.result() for name, t in tunables.items()}
-        tuned_norms = {name: p.detach().to(params[name].dtype) for name, p in norms.items()}
+        # judged as the checkpoint will hold it: fp16 scales (``result``) and fp16 norms
+        dense = {name: w.dequantize().to(device) for name, w in tuned.items()}
+        tuned_norms = {name: p.detach().half().to(params[name].dtype)
+                       for name, p in norms.items()}
 
         def forward_tuned(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-            overrides = {f"{name}.weight": w.dequantize().to(x.device)
-                         for name, w in tuned.items()}
+            overrides = {f"{name}.weight": w for name, w in dense.items()}
             overrides.update(tuned_norms)
             return block_output(functional_call(block, overrides, (x,), kw))
 
         after = block_loss(forward_tuned, steps_inputs, steps_targets, steps_kwargs)
-    if after >= before:
-        return dict(weights), {}, TuningStats(before, after, kept=False)
-    return tuned, tuned_norms, TuningStats(before, after, kept=True)
+    stats = TuningStats(before, after, kept=math.isfinite(after) and after < before)
+    if not stats.kept:  # a NaN or inf (a diverging step) is never kept either
+        return TunedBlock(dict(weights), stats)
+    return TunedBlock(tuned, stats, dense, tuned_norms)
 
 
 def _split(batches: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
@@ -211,7 +234,9 @@ def _split_kwargs(kwargs: Sequence[dict[str, Any]], batches: Sequence[torch.Tens
 
 
 def _slice(value: Any, n: int, start: int, size: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n and n > 1:
+    # per-sample tensors ([batch, ...] masks, rotary tables built per sample) have 2+ dimensions;
+    # 1-d ones (cache positions) describe the sequence, whatever their length
+    if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == n and n > 1:
         return value[start : start + size]
     if isinstance(value, tuple):
         return tuple(_slice(v, n, start, size) for v in value)

@@ -11,9 +11,11 @@ For each decoder block the calibration activations go through the block once, in
 5. ``h2 + down(x)`` is the next block's input, computed with the quantized weights.
 
 So every matrix product of the block runs once per calibration token, exactly the work a single
-forward pass does, plus the Hessians: no second "recompute the outputs" pass. This staging is
-checked numerically against the block's own forward on the first batch; an architecture whose
-blocks are not structured this way is refused with a clear error rather than quantized wrongly.
+forward pass does, plus the Hessians: no second "recompute the outputs" pass (block tuning,
+when enabled, adds its own work: a float forward for the targets, its training steps and a
+forward with the tuned weights). This staging is checked numerically against the block's own
+forward on the first batch; an architecture whose blocks are not structured this way is refused
+with a clear error rather than quantized wrongly.
 The model passed in is never modified: each block is quantized in a copy.
 """
 
@@ -280,22 +282,23 @@ class BlockQuantizer:
              kwargs: list[dict[str, Any]], hidden: list[torch.Tensor]) -> None:
         """Block tuning (``block_tuning.tune_block``) of the quantized block on ``inputs``
         (its quantized-stream inputs) towards ``targets`` (the float block's outputs on the
-        float stream); ``hidden`` becomes the tuned block's outputs."""
+        float stream). When the tuned block is kept, it replaces GPTQ's weights (and norms) and
+        ``hidden`` becomes its outputs; otherwise ``hidden`` keeps GPTQ's."""
         if not self.result.weights:
             return
-        weights, norms, stats = tune_block(self.work, self.result.weights, inputs, targets,
-                                           kwargs, self.options.tuning)
-        self.result.tuning = stats
-        if not stats.kept:
+        tuned = tune_block(self.work, self.result.weights, inputs, targets, kwargs,
+                           self.options.tuning)
+        self.result.tuning = tuned.stats
+        if not tuned.stats.kept:
             return
-        self.result.weights.update(weights)
-        self.result.float_overrides.update(norms)
+        self.result.weights.update(tuned.weights)
+        self.result.float_overrides.update(tuned.norms)
         params = dict(self.work.named_parameters())
         with torch.inference_mode():
-            for name, w in weights.items():
+            for name, dense in tuned.dense.items():
                 linear = self.modules[name]
-                linear.weight.data = w.dequantize().to(linear.weight.device, linear.weight.dtype)
-            for name, value in norms.items():
+                linear.weight.data = dense.to(linear.weight.device, linear.weight.dtype)
+            for name, value in tuned.norms.items():
                 params[name].data = value.to(params[name].device, params[name].dtype)
         self.forward_in_place(hidden, kwargs, inputs)
 

@@ -73,7 +73,8 @@ class BlockTuningConfig(PluginConfig):
                             description="Adam step on the codes (straight-through); 0 keeps "
                             "GPTQ's codes")
     norms: bool = Field(False, description="also tune the block's RMSNorm weights")
-    batch_size: int = Field(4, ge=1, le=1024, description="calibration samples per step")
+    batch_size: int = Field(4, ge=1, le=1024, description="calibration samples per step (at most "
+                            "the quantizer's own batch_size: steps stay within its batches)")
 
 
 class GPTQConfig(UniformSettings):
