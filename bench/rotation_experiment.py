@@ -20,7 +20,10 @@ but every quantized weight sees inputs whose outliers are spread over all channe
 and quantizes with quantmill's own plugins (any quantizer, any allocator, through
 ``build_plugin``), puts the dequantized weights (and any tuned norms) into the rotated model and
 measures perplexity with the GPTQ benchmark's protocol. No checkpoint is written: dense rotations
-would cost more than the weights; a real format would use randomized Hadamard transforms.
+would cost more than the weights. The product feature that came out of it is the quantizers'
+``rotation: hadamard`` option (randomized Hadamard transforms per input site, stored in the
+checkpoint; ``plugins/hadamard.py``); this script keeps the per-head v/o rotation that the
+product leaves out.
 
     python bench/rotation_experiment.py --device cuda --out results.json \\
         --config 'rm35={"quantizer": {"method": "gptq", ...}, "allocator": "mixed_precision",

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from quantmill.plugins.hadamard import InputRotation
+
 
 @functools.lru_cache(maxsize=8)
 def _distributions(search_path: tuple[str, ...]) -> Mapping[str, list[str]]:
@@ -110,6 +112,9 @@ class ModuleQuantSpec:
     group_size: int  # -1: one group per output channel (all input columns)
     sym: bool
     method: str
+    #: the seed of the quantizer's randomized Hadamard input rotations, None when it does not
+    #: rotate (the allocator measures the rotated weights then)
+    rotation_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,13 @@ class QuantPlan:
     details: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "method": s.method}
-            for name, s in sorted(self.modules.items())
-        }
+        def spec(s: ModuleQuantSpec) -> dict[str, Any]:
+            out = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "method": s.method}
+            if s.rotation_seed is not None:
+                out["rotation_seed"] = s.rotation_seed
+            return out
+
+        return {name: spec(s) for name, s in sorted(self.modules.items())}
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -140,10 +148,14 @@ def num_groups(in_features: int, group_size: int) -> int:
 class QuantizedWeight:
     """One quantized linear weight in unpacked integer form.
 
-    ``intweight`` is [out_features, in_features] with values in [0, 2**bits - 1]; the weight it
-    stands for is ``(intweight - zeros[g_idx].T) * scales[g_idx].T``. ``scales`` are float32 values
+    ``intweight`` is [out_features, in_features] with values in [0, 2**bits - 1]; the stored
+    weight is ``(intweight - zeros[g_idx].T) * scales[g_idx].T``. ``scales`` are float32 values
     already rounded to fp16 (so a checkpoint reproduces them exactly) and ``zeros`` integers, both
     [num_groups, out_features]; ``g_idx`` [in_features] maps each input column to its group.
+
+    With an ``input_rotation`` T (``plugins/hadamard.py``) the stored weight is ``W @ T``: the
+    layer computes ``(x @ T) @ stored.T``, i.e. it stands for the weight ``stored @ T.T``, which
+    is what ``dequantize`` returns (``dequantize_stored`` gives the rotated one).
     """
 
     intweight: torch.Tensor
@@ -154,6 +166,7 @@ class QuantizedWeight:
     group_size: int
     sym: bool
     bias: torch.Tensor | None = None
+    input_rotation: InputRotation | None = None
 
     @property
     def out_features(self) -> int:
@@ -163,12 +176,19 @@ class QuantizedWeight:
     def in_features(self) -> int:
         return int(self.intweight.shape[1])
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as floats, [out_features, in_features]."""
+    def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored weight as floats, [out_features, in_features] (rotated, if rotated)."""
         gi = self.g_idx.long()
         scales = self.scales.to(torch.float32)[gi].T  # [out, in]
         zeros = self.zeros.to(torch.float32)[gi].T  # [out, in]
         return ((self.intweight.to(torch.float32) - zeros) * scales).to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer computes with, [out_features, in_features] (unrotated)."""
+        stored = self.dequantize_stored()
+        if self.input_rotation is not None:
+            stored = self.input_rotation.apply_transpose(stored)
+        return stored.to(dtype)
 
 
 @dataclass

@@ -5,7 +5,8 @@ if it counts everything a module adds to the file, not just its b-bit integers. 
 format is counted exactly as the ``size`` evaluator measures a written GPTQ module
 (``plugins/evaluators/size.py``, ``bits_per_weight``): packed int32 ``qweight`` words, packed
 ``qzeros`` words, fp16 ``scales`` and the int32 ``g_idx``. A codebook format (weight clustering)
-costs a b-bit index per weight plus one fp16 table of 2**b entries per output row. Costs are
+costs a b-bit index per weight plus one fp16 table of 2**b entries per output row. A module
+with an input rotation also stores its int8 signs and float32 block. Costs are
 whole bits so budgets compare exactly (no float rounding can push a plan over its budget).
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantmill.plugins.base import num_groups
+from quantmill.plugins.hadamard import split_dimension
 
 WORD_BITS = 32
 SCALE_BITS = 16
@@ -46,9 +48,20 @@ def _words(values: int, bits: int) -> int:
     return -(-(values * bits) // WORD_BITS)
 
 
+def rotation_bits(in_features: int) -> int:
+    """What a module's input rotation adds (``InputRotation.stored_bits``: int8 signs and a
+    float32 block for the odd part of ``in_features``)."""
+    m, _ = split_dimension(in_features)
+    return 8 * in_features + 32 * m * m
+
+
 def weight_bits(candidate: Candidate, out_features: int, in_features: int,
-                kind: WeightKind = "uniform") -> int:
-    """Bits one ``out_features`` x ``in_features`` weight costs in ``candidate``'s format."""
+                kind: WeightKind = "uniform", rotated: bool = False) -> int:
+    """Bits one ``out_features`` x ``in_features`` weight costs in ``candidate``'s format
+    (with its input rotation's tensors when ``rotated``)."""
+    if rotated:
+        return (weight_bits(candidate, out_features, in_features, kind)
+                + rotation_bits(in_features))
     b = candidate.bits
     if kind == "codebook":
         return b * out_features * in_features + CODEBOOK_ENTRY_BITS * (2**b) * out_features
@@ -61,6 +74,7 @@ def weight_bits(candidate: Candidate, out_features: int, in_features: int,
 
 
 def bits_per_weight(candidate: Candidate, out_features: int, in_features: int,
-                    kind: WeightKind = "uniform") -> float:
+                    kind: WeightKind = "uniform", rotated: bool = False) -> float:
     """``weight_bits`` per weight element (4-bit g128 at 576x576: about 4.21)."""
-    return weight_bits(candidate, out_features, in_features, kind) / (out_features * in_features)
+    return (weight_bits(candidate, out_features, in_features, kind, rotated)
+            / (out_features * in_features))

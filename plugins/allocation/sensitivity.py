@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from quantmill.plugins.allocation.cost import Candidate, WeightKind
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.hadamard import InputRotation, rotation_site
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.modules import block_output
 from quantmill.plugins.progress import progress_bar
@@ -153,6 +154,9 @@ class SensitivityOptions:
     batch_size: int = 4
     weighting: Weighting = "fisher"
     fisher_samples: int = 8
+    #: measure the weights as a rotating quantizer sees them (``W @ T`` with the Hessian of
+    #: ``x @ T``, ``plugins/hadamard.py``); None: unrotated
+    rotation_seed: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -371,8 +375,14 @@ def _block_damages(model: torch.nn.Module, names: Sequence[str],
                     hidden[b] = block_output(out).to(torch.float32)
                     acc.end_batch()
             for ln, full in per_block[i].items():
-                damages[full] = candidate_damages(local[ln].weight, acc.hessian(ln), candidates,
-                                                  sym, kind, channel_weights.get(full))
+                weight, hessian = local[ln].weight, acc.hessian(ln)
+                if options.rotation_seed is not None:
+                    rotation = InputRotation.for_site(weight.shape[1], options.rotation_seed,
+                                                      rotation_site(full))
+                    weight = rotation.apply(weight.detach().float())
+                    hessian = rotation.rotate_hessian(hessian)
+                damages[full] = candidate_damages(weight, hessian, candidates, sym, kind,
+                                                  channel_weights.get(full))
             del acc, work, local
             advance(1)
     return damages

@@ -78,7 +78,7 @@ def measurement_key(model: torch.nn.Module, names: Sequence[str],
     digest = hashlib.blake2b(digest_size=16)
     settings = (model_digest, tuple(names), tuple((k.bits, k.group_size) for k in candidates),
                 sym, kind, options.weighting, options.num_samples, options.batch_size,
-                options.fisher_samples, options.device.type)
+                options.fisher_samples, options.device.type, options.rotation_seed)
     digest.update(repr(settings).encode())
     _digest_tensor(digest, "input_ids", input_ids)
     return digest.hexdigest()

@@ -204,6 +204,9 @@ def write_compressed_tensors_checkpoint(
         if kind != "uniform":
             raise QuantmillError(f"export format 'compressed-tensors' cannot write the {kind} "
                                  f"weights of module '{name}'")
+        if qw.input_rotation is not None:
+            raise QuantmillError(f"export format 'compressed-tensors' cannot write module "
+                                 f"'{name}': its weight has an input rotation")
         try:
             check_w8_per_channel(qw)
         except ValueError as exc:
@@ -357,6 +360,9 @@ class CompressedTensorsExporter(Exporter):
     accepts_float_overrides = True
 
     def refuse_spec(self, spec: ModuleQuantSpec) -> str | None:
+        if spec.rotation_seed is not None:
+            return ("it has no input rotations (the quantizer's rotation: hadamard); use "
+                    "export format 'gptq' (quant_method quantmill_rotated_gptq) or 'dequantized'")
         if spec.bits == 8 and spec.sym and spec.group_size == -1:
             return None
         return (f"it writes W8A8 int8 only (8-bit symmetric per-channel weights), not "

@@ -40,10 +40,16 @@ from quantmill.plugins.base import (
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
 from quantmill.plugins.formats.packing import packed_length
+from quantmill.plugins.hadamard import BLOCK_SUFFIX, SIGNS_SUFFIX, InputRotation
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.memory import release_free_memory
-from quantmill.plugins.models.quant_linear import GPTQLinear, zero_offset_for
+from quantmill.plugins.models.quant_linear import (
+    GPTQ_METHODS,
+    ROTATED_GPTQ_METHOD,
+    GPTQLinear,
+    zero_offset_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 STANDARD_BITS = frozenset({2, 3, 4, 8})
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 PROJECT_URI = "https://github.com/quantmill/quantmill"
-QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
+QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias", SIGNS_SUFFIX, BLOCK_SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +128,8 @@ def build_quantize_config(
     """The ``quantize_config.json`` dict (also written as config.json's quantization_config).
 
     The most common (bits, group_size) is the default; modules that differ are listed in
-    GPTQModel's ``dynamic`` overrides, so mixed precision needs no format of our own.
+    GPTQModel's ``dynamic`` overrides, so mixed precision needs no format of our own. Weights
+    with input rotations make it a ``quantmill_rotated_gptq`` config (see ``quant_linear``).
     """
     if not weights:
         raise QuantmillError("nothing to export: the quantization result holds no weights")
@@ -130,6 +137,7 @@ def build_quantize_config(
     shapes = Counter((qw.bits, qw.group_size) for qw in weights.values())
     # Most common first; ties broken by (bits, group_size) so the choice is deterministic.
     (bits, group_size), _ = min(shapes.items(), key=lambda item: (-item[1], item[0]))
+    rotated = any(qw.input_rotation is not None for qw in weights.values())
     syms = Counter(qw.sym for qw in weights.values())
     sym = max(syms.items(), key=lambda item: (item[1], item[0]))[0]
     dynamic: dict[str, dict[str, Any]] = {}
@@ -148,12 +156,21 @@ def build_quantize_config(
         or not all(_trivial_g_idx(qw) for qw in weights.values()),
         "sym": sym,
         "lm_head": lm_head,
-        "quant_method": "gptq",
+        "quant_method": ROTATED_GPTQ_METHOD if rotated else "gptq",
         "checkpoint_format": checkpoint_format,
         "pack_dtype": "int32",
         "static_groups": bool(details.get("static_groups", False)),
         "true_sequential": True,
     }
+    if rotated:
+        config["rotation"] = {
+            "kind": "randomized_hadamard",
+            "applies_to": "inputs",
+            "tensors": [SIGNS_SUFFIX, BLOCK_SUFFIX],
+            "definition": "y = (x @ T) @ W.T with T = diag(signs) @ kron(block, H), H the "
+                          "normalised Sylvester Hadamard matrix of size in_features / "
+                          "block_size; W is the dequantized GPTQ weight",
+        }
     if "damp_percent" in details:
         config["damp_percent"] = details["damp_percent"]
     if dynamic:
@@ -478,7 +495,7 @@ def _quantize_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
             f"{path} is not a GPTQ checkpoint"
         )
     method = qcfg.get("quant_method", "gptq")
-    if method != "gptq":
+    if method not in GPTQ_METHODS:
         raise QuantmillError(f"{path} holds a '{method}' checkpoint, not a GPTQ one")
     return qcfg
 
@@ -538,6 +555,19 @@ def _build_gptq_linear(
             f"{name}.qweight has shape {tuple(qweight.shape)}, which does not fit a "
             f"{bits}-bit {out_features}x{in_features} linear layer"
         )
+    rotated = f"{name}.{SIGNS_SUFFIX}" in tensors or f"{name}.{BLOCK_SUFFIX}" in tensors
+    if rotated != (quant_config.get("quant_method") == ROTATED_GPTQ_METHOD):
+        raise QuantmillError(
+            f"checkpoint module '{name}' {'has' if rotated else 'lacks'} input rotation tensors "
+            f"but quant_method is {quant_config.get('quant_method')!r}: a rotated linear needs "
+            f"quant_method {ROTATED_GPTQ_METHOD!r} and its {SIGNS_SUFFIX}/{BLOCK_SUFFIX} tensors")
+    if rotated:
+        try:
+            InputRotation.from_tensors(tensors[f"{name}.{SIGNS_SUFFIX}"],
+                                       tensors[f"{name}.{BLOCK_SUFFIX}"])
+        except (KeyError, ValueError) as exc:
+            raise QuantmillError(f"bad input rotation of checkpoint module '{name}': "
+                                 f"{exc}") from exc
     groups = int(scales.shape[0])
     if group_size is None:
         group_size = -1 if groups == 1 else -(-in_features // groups)
@@ -551,6 +581,7 @@ def _build_gptq_linear(
             bias=f"{name}.bias" in tensors,
             zero_offset=zero_offset,
             num_groups=groups,
+            rotated=rotated,
             device="meta",
         )
     except ValueError as exc:

@@ -21,6 +21,20 @@ from quantmill.plugins.formats.packing import (
     unpack_cols,
     unpack_rows,
 )
+from quantmill.plugins.hadamard import (
+    BLOCK_SUFFIX,
+    SIGNS_SUFFIX,
+    InputRotation,
+    split_dimension,
+)
+
+#: ``quant_method`` of a GPTQ-layout checkpoint whose linears also rotate their inputs
+#: (``plugins/hadamard.py``): a name of its own, so that no runtime that cannot apply the
+#: rotation reads it as plain GPTQ and computes with rotated weights on unrotated inputs
+#: (transformers skips an unknown method with a warning and reports the quantized weights missing).
+ROTATED_GPTQ_METHOD = "quantmill_rotated_gptq"
+#: the ``quant_method`` values quantmill reads as GPTQ-layout checkpoints
+GPTQ_METHODS: tuple[str, ...] = ("gptq", ROTATED_GPTQ_METHOD)
 
 #: checkpoint_format -> what to add to the stored zeros to get the true zero point. GPTQ v1
 #: (AutoGPTQ) stores ``zero - 1``; v2 (GPTQModel) stores the zero itself.
@@ -48,11 +62,14 @@ class GPTQLinear(torch.nn.Module):
       along the output dimension;
     * ``scales`` fp16 [groups, out];
     * ``g_idx`` int32 [in]: the group of each input column;
-    * ``bias`` fp16 [out] or None.
+    * ``bias`` fp16 [out] or None;
+    * with ``rotated=True`` also ``input_rotation_signs`` int8 [in] and ``input_rotation_block``
+      float32 [m, m] (``InputRotation``): the layer computes ``(x @ T) @ W.T``.
     """
 
     #: the buffers that together stand for the weight (the size evaluator counts their bits)
-    QUANTIZED_BUFFERS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+    QUANTIZED_BUFFERS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx", SIGNS_SUFFIX,
+                                          BLOCK_SUFFIX)
 
     qweight: torch.Tensor
     qzeros: torch.Tensor
@@ -70,6 +87,7 @@ class GPTQLinear(torch.nn.Module):
         bias: bool = False,
         zero_offset: int = 0,
         num_groups: int | None = None,
+        rotated: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -100,6 +118,13 @@ class GPTQLinear(torch.nn.Module):
             )
         else:
             self.register_buffer("bias", None)
+        self.rotated = rotated
+        if rotated:
+            m, _ = split_dimension(in_features)
+            self.register_buffer(
+                SIGNS_SUFFIX, torch.empty(in_features, dtype=torch.int8, device=device))
+            self.register_buffer(
+                BLOCK_SUFFIX, torch.empty(m, m, dtype=torch.float32, device=device))
 
     @property
     def checkpoint_format(self) -> str:
@@ -130,6 +155,7 @@ class GPTQLinear(torch.nn.Module):
             bias=qw.bias is not None,
             zero_offset=offset,
             num_groups=int(qw.scales.shape[0]),
+            rotated=qw.input_rotation is not None,
             device=qw.intweight.device,
         )
         # intweight [out, in] -> [in, out] -> packed [in * bits / 32, out]
@@ -140,7 +166,17 @@ class GPTQLinear(torch.nn.Module):
         module.g_idx = qw.g_idx.to(torch.int32).contiguous()
         if qw.bias is not None:
             module.bias = qw.bias.detach().to(torch.float16).contiguous()
+        if qw.input_rotation is not None:
+            for suffix, tensor in qw.input_rotation.to_checkpoint().items():
+                setattr(module, suffix, tensor.to(qw.intweight.device))
         return module
+
+    def input_rotation(self) -> InputRotation | None:
+        """The rotation this layer applies to its inputs (None when it has none)."""
+        if not self.rotated:
+            return None
+        return InputRotation(getattr(self, SIGNS_SUFFIX).to(torch.float32),
+                             getattr(self, BLOCK_SUFFIX))
 
     def unpacked_zeros(self) -> torch.Tensor:
         """The true zero points, int64 [groups, out] (the stored value plus zero_offset).
@@ -161,11 +197,14 @@ class GPTQLinear(torch.nn.Module):
         )
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The weight as float32 [out, in]: ``(q - z[g_idx]) * s[g_idx]``, transposed.
+        """The weight the layer stands for, float32 [out, in] (unrotated; as
+        ``QuantizedWeight.dequantize``, with the same float32 operations, so the two agree)."""
+        stored = self.dequantize_stored_weight()
+        rotation = self.input_rotation()
+        return stored if rotation is None else rotation.apply_transpose(stored)
 
-        Computed with the same float32 operations as ``QuantizedWeight.dequantize`` so the two
-        agree exactly.
-        """
+    def dequantize_stored_weight(self) -> torch.Tensor:
+        """The stored weight as float32 [out, in]: ``(q - z[g_idx]) * s[g_idx]``, transposed."""
         q = unpack_rows(self.qweight, self.bits, self.in_features)  # [in, out]
         gi = self.g_idx.long()
         zeros = self.unpacked_zeros().to(torch.float32)[gi]  # [in, out]
@@ -173,7 +212,10 @@ class GPTQLinear(torch.nn.Module):
         return ((q.to(torch.float32) - zeros) * scales).T  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight().to(x.dtype)  # transient: never cached on the module
+        rotation = self.input_rotation()
+        if rotation is not None:
+            x = rotation.apply(x)  # O(in log in) per token, as a runtime kernel would do it
+        weight = self.dequantize_stored_weight().to(x.dtype)  # transient: never cached
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
@@ -182,4 +224,5 @@ class GPTQLinear(torch.nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, "
             f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}"
+            + (", rotated=True" if self.rotated else "")
         )

@@ -22,6 +22,7 @@ from quantmill.plugins.models.gguf_stream import STREAMABLE, GGUFTensors
 from quantmill.plugins.models.lazy_tokenizer import LazyTokenizer
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.memory import release_free_memory
+from quantmill.plugins.models.quant_linear import GPTQ_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _has_quantization_config(path: Path, method: str) -> bool:
+def _has_quantization_config(path: Path, *methods: str) -> bool:
     for name in ("quantize_config.json", "config.json"):
         config_file = path / name
         if not config_file.is_file():
@@ -43,7 +44,7 @@ def _has_quantization_config(path: Path, method: str) -> bool:
         except (OSError, json.JSONDecodeError):
             continue
         section = data.get("quantization_config", data) if name == "config.json" else data
-        if isinstance(section, dict) and section.get("quant_method") == method:
+        if isinstance(section, dict) and section.get("quant_method") in methods:
             return True
     return False
 
@@ -124,8 +125,8 @@ class HFDirectorySource(ModelSource):
         check_weights_directory(path)
 
     def accepts(self, path: Path) -> bool:
-        return path.is_dir() and not any(_has_quantization_config(path, method)
-                                         for method in ("gptq", "compressed-tensors"))
+        return path.is_dir() and not _has_quantization_config(path, *GPTQ_METHODS,
+                                                              "compressed-tensors")
 
     def load(self, path: Path, device: torch.device) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -253,11 +254,11 @@ class GPTQCheckpointSource(ModelSource):
 
     def check(self, path: Path) -> None:
         check_weights_directory(path)
-        if not _has_quantization_config(path, "gptq"):
+        if not _has_quantization_config(path, *GPTQ_METHODS):
             raise QuantmillError(f"{path} has no GPTQ quantization_config")
 
     def accepts(self, path: Path) -> bool:
-        return path.is_dir() and _has_quantization_config(path, "gptq")
+        return path.is_dir() and _has_quantization_config(path, *GPTQ_METHODS)
 
     def load(self, path: Path, device: torch.device) -> LoadedModel:
         from quantmill.plugins.formats.gptq import load_gptq_checkpoint

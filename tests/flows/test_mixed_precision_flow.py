@@ -96,3 +96,37 @@ def test_bad_budget_is_refused_at_validation(quantmill_home: Path, tiny_recipe) 
     assert result.exit_code != 0
     assert "quantization.allocator_options.avg_bits" in result.output
     assert "greater than 0" in result.output
+
+
+def test_mixed_precision_with_rotated_gptq_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
+    """``rotation: hadamard``: the allocator measures and costs the rotated weights, the plan
+    records the seed, and the checkpoint's linears rotate their inputs as planned."""
+    recipe = tiny_recipe(name="tiny-gptq-rotated.yaml", quantization={
+        "method": "gptq", "rotation": "hadamard", "rotation_seed": 7,
+        "allocator": "mixed_precision",
+        "allocator_options": {"avg_bits": 5.6, "candidates": CANDIDATES, "tie": TIES,
+                              "num_samples": 4, "fisher_samples": 2}})
+    _run(recipe)
+    _check_run(5.6, "gptq")  # bits per weight measured on the checkpoint == planned (rotations
+    #                          counted in both)
+    with Registry.open() as reg:
+        [ckpt] = reg.list_artifacts(kind="checkpoint")
+        [run] = [r for r in reg.list_runs() if r.kind == "quantization"]
+    assert {p["rotation_seed"] for p in run.details["plan"].values()} == {7}
+    assert run.details["plan_details"]["rotation_seed"] == 7
+    assert ckpt.metadata["export"]["quantize_config"]["quant_method"] == "quantmill_rotated_gptq"
+    assert ckpt.metadata["rotation"] == {"kind": "randomized_hadamard", "seeds": [7]}
+    loaded = GPTQCheckpointSource().load(LocalStorage().fetch(ckpt.uri), torch.device("cpu"))
+    modules = [m for m in loaded.model.modules() if isinstance(m, GPTQLinear)]
+    assert len(modules) == 14 and all(m.rotated for m in modules)
+
+
+def test_rotation_is_refused_by_a_format_without_rotations(quantmill_home: Path,
+                                                           tiny_recipe) -> None:
+    recipe = tiny_recipe(quantization={"method": "rtn", "bits": 8, "group_size": -1,
+                                       "sym": True, "rotation": "hadamard"},
+                         export={"format": "compressed-tensors"})
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code != 0
+    assert "cannot write what method 'rtn' produces" in result.output
+    assert "no input rotations" in result.output

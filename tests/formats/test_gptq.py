@@ -434,3 +434,137 @@ def test_v1_zeros_are_read_word_wise_like_gptqmodel_writes_them() -> None:
     layer = GPTQLinear(32, 8, 4, 32, zero_offset=1)
     layer.qzeros = stored
     assert torch.equal(layer.unpacked_zeros(), true_zeros.to(torch.int64))
+
+
+# -- rotated checkpoints (quant_method quantmill_rotated_gptq) -------------------------------
+
+
+def quantize_rotated(model: torch.nn.Module, bits: int = 4, group_size: int = 32,
+                     seed: int = 0) -> QuantizationResult:
+    """Like ``quantize_model``, on each weight in its randomized Hadamard input basis."""
+    from quantmill.plugins.hadamard import InputRotation, rotation_site
+
+    weights: dict[str, QuantizedWeight] = {}
+    specs: dict[str, ModuleQuantSpec] = {}
+    rotations: dict[str, InputRotation] = {}
+    for name, module in model.named_modules():
+        if not name.endswith(PROJECTIONS):
+            continue
+        site = rotation_site(name)
+        if site not in rotations:  # one object per site, as GPTQ shares it among q/k/v
+            rotations[site] = InputRotation.for_site(module.in_features, seed, site)
+        rotation = rotations[site]
+        qw = rtn(rotation.apply(module.weight.detach()), bits, group_size, sym=False)
+        qw.input_rotation = rotation
+        weights[name] = qw
+        specs[name] = ModuleQuantSpec(bits, group_size, False, "rtn", rotation_seed=seed)
+    return QuantizationResult(weights, QuantPlan(specs), {})
+
+
+def test_rotated_checkpoint_round_trips_and_names_its_own_method(tmp_path: Path) -> None:
+    from quantmill.plugins.evaluators.size import packed_stats
+    from quantmill.plugins.hadamard import split_dimension
+    from quantmill.plugins.models.quant_linear import ROTATED_GPTQ_METHOD
+    from quantmill.plugins.models.sources import GPTQCheckpointSource, HFDirectorySource
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192)  # odd parts 3: a real block
+    result = quantize_rotated(model)
+    out = tmp_path / "ckpt"
+    summary = write_gptq_checkpoint(loaded(model), result, out)
+    qcfg = summary["quantize_config"]
+    assert qcfg["quant_method"] == ROTATED_GPTQ_METHOD
+    assert qcfg["rotation"]["kind"] == "randomized_hadamard"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == ROTATED_GPTQ_METHOD
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        signs = f.get_tensor("model.layers.0.mlp.down_proj.input_rotation_signs")
+        block = f.get_tensor("model.layers.0.mlp.down_proj.input_rotation_block")
+    assert signs.dtype == torch.int8 and signs.shape == (192,)
+    assert block.dtype == torch.float32 and block.shape == (3, 3)
+    # the reader rotates the inputs and computes with what was stored: the same model
+    assert_round_trip(model, result, out)
+    back = load_gptq_checkpoint(out).model
+    module = back.get_submodule("model.layers.1.self_attn.o_proj")
+    assert module.rotated
+    x = torch.randn(3, 96)
+    expected = x @ result.weights["model.layers.1.self_attn.o_proj"].dequantize().T
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+    # the size evaluator counts the rotation tensors as part of each weight
+    quantized, bits, _ = packed_stats(back)
+    rotation_bits = sum(8 * qw.in_features + 32 * split_dimension(qw.in_features)[0] ** 2
+                        for qw in result.weights.values())
+    unrotated = {n: GPTQLinear.from_quantized(replace_rotation(qw), "gptq_v2")
+                 for n, qw in result.weights.items()}
+    plain_bits = sum(sum(getattr(m, b).numel() * getattr(m, b).element_size() * 8
+                         for b in ("qweight", "qzeros", "scales", "g_idx"))
+                     for m in unrotated.values())
+    assert bits == plain_bits + rotation_bits
+    assert quantized == sum(qw.in_features * qw.out_features for qw in result.weights.values())
+    # found by the GPTQ source, never taken for a plain Hugging Face directory
+    assert GPTQCheckpointSource().accepts(out) and not HFDirectorySource().accepts(out)
+
+
+def replace_rotation(qw: QuantizedWeight) -> QuantizedWeight:
+    from dataclasses import replace
+
+    return replace(qw, input_rotation=None)
+
+
+def test_rotated_and_plain_tensors_must_match_the_method(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192)
+    out = tmp_path / "rotated"
+    write_gptq_checkpoint(loaded(model), quantize_rotated(model), out)
+    tensors = load_file(str(out / "model.safetensors"))
+
+    # the method says rotated, but one module lost its rotation
+    missing = tmp_path / "missing"
+    shutil_copy(out, missing)
+    save_file({k: v for k, v in tensors.items()
+               if not k.startswith("model.layers.0.mlp.up_proj.input_rotation")},
+              str(missing / "model.safetensors"))
+    with pytest.raises(QuantmillError, match="model.layers.0.mlp.up_proj' lacks input rotation"):
+        load_gptq_checkpoint(missing)
+
+    # rotation tensors under plain "gptq": runtimes would ignore them and run it wrong
+    plain = tmp_path / "plain"
+    shutil_copy(out, plain)
+    for name in ("quantize_config.json", "config.json"):
+        data = json.loads((plain / name).read_text())
+        section = data.get("quantization_config", data) if name == "config.json" else data
+        section["quant_method"] = "gptq"
+        (plain / name).write_text(json.dumps(data))
+    with pytest.raises(QuantmillError, match="has input rotation tensors but quant_method is "
+                                             "'gptq'"):
+        load_gptq_checkpoint(plain)
+
+    # a block that is not orthogonal is refused, not run
+    bad = tmp_path / "bad"
+    shutil_copy(out, bad)
+    broken = dict(tensors)
+    broken["model.layers.1.mlp.down_proj.input_rotation_block"] = 2 * torch.eye(3)
+    save_file(broken, str(bad / "model.safetensors"))
+    with pytest.raises(QuantmillError, match="bad input rotation of checkpoint module "
+                                             "'model.layers.1.mlp.down_proj'.*not orthogonal"):
+        load_gptq_checkpoint(bad)
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_rotated_checkpoint_reads_onto_every_device(tmp_path: Path, device: str) -> None:
+    """The reader checks and applies the rotations where the tensors are loaded (a GPU)."""
+    model = tiny_llama(hidden_size=96, intermediate_size=192)
+    result = quantize_rotated(model)
+    write_gptq_checkpoint(loaded(model), result, tmp_path / "ckpt")
+    back = load_gptq_checkpoint(tmp_path / "ckpt", device=device).model
+    ids = (torch.arange(14) * 17 % 64).reshape(2, 7).to(device)
+    with torch.no_grad():
+        got = back(input_ids=ids).logits.cpu()
+    torch.testing.assert_close(got, logits(reference_model(model, result)), rtol=1e-4,
+                               atol=1e-5)

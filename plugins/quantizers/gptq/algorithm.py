@@ -404,6 +404,7 @@ def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
             scales=qw.scales[:, start:end].contiguous(),
             zeros=qw.zeros[:, start:end].contiguous(),
             g_idx=qw.g_idx.clone(), bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+            input_rotation=qw.input_rotation,
         ))
         start = end
     return parts

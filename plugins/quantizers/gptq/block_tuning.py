@@ -109,7 +109,9 @@ class TunableWeight:
     def weight(self) -> torch.Tensor:
         codes = (round_ste(self.codes).clamp(0.0, self.max_code) if self.codes.requires_grad
                  else self.codes)
-        return (codes - self.zeros) * self.scales()[self.g_idx].T
+        stored = (codes - self.zeros) * self.scales()[self.g_idx].T
+        rotation = self.original.input_rotation
+        return stored if rotation is None else rotation.apply_transpose(stored)
 
     @torch.no_grad()
     def result(self) -> QuantizedWeight:

@@ -30,6 +30,7 @@ import torch
 
 from quantmill.plugins.base import ModuleQuantSpec, QuantizedWeight
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.hadamard import InputRotation, rotation_site
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.memory import release_free_memory
 from quantmill.plugins.models.modules import block_output
@@ -72,6 +73,8 @@ class LayerwiseOptions:
     activation_cache: torch.dtype = torch.bfloat16
     #: block-wise reconstruction tuning after each block's GPTQ (off unless ``epochs > 0``)
     tuning: TuningSettings = field(default_factory=TuningSettings)
+    #: randomized Hadamard input rotations (``plugins/hadamard.py``) under this seed; None: off
+    rotation_seed: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -224,6 +227,7 @@ class BlockQuantizer:
                  options: LayerwiseOptions, name: str = "",
                  fetcher: deferred.WeightFetcher | None = None):
         self.work = _working_copy(block, options.device, name, fetcher)
+        self.name = name
         self.modules = dict(self.work.named_modules())
         self.specs = specs
         self.options = options
@@ -240,7 +244,14 @@ class BlockQuantizer:
         if not todo:
             return
         o = self.options
-        hessian = prepare_hessian(acc.hessian(), o.damp_percent, o.desc_act)
+        rotation = None
+        raw = acc.hessian()
+        if o.rotation_seed is not None:
+            # one rotation per input site: GPTQ works on W @ T with the Hessian of x @ T
+            site = rotation_site(f"{self.name}.{names[0]}" if self.name else names[0])
+            rotation = InputRotation.for_site(raw.shape[0], o.rotation_seed, site)
+            raw = rotation.rotate_hessian(raw)
+        hessian = prepare_hessian(raw, o.damp_percent, o.desc_act)
         by_spec: dict[ModuleQuantSpec, list[str]] = {}
         for name in todo:
             spec = self.specs[name]
@@ -252,6 +263,8 @@ class BlockQuantizer:
                                     damp_percent=o.damp_percent, block_size=o.block_size,
                                     mse_clip=o.mse_clip, refit_scales=o.refit_scales)
             stacked = torch.cat([self.modules[n].weight for n in group])  # [sum(out), in]
+            if rotation is not None:
+                stacked = rotation.apply(stacked.float())
             qw, stats = gptq_quantize(stacked, hessian, settings, measure_error=False)
             stacked[:, hessian.dead] = 0.0  # as GPTQ treats them, for the per-module error
             for name, part in zip(group, split_rows(qw, [self.modules[n].out_features
@@ -259,10 +272,12 @@ class BlockQuantizer:
                 linear = self.modules[name]
                 if linear.bias is not None:
                     part.bias = linear.bias.detach().cpu().clone()
+                part.input_rotation = rotation
+                # the error in GPTQ's (rotated) basis: the same number as in the original one
+                error = hessian_error(linear_weight_before(stacked, group, name, self.modules),
+                                      part, hessian.hessian, dequantized=part.dequantize_stored())
                 # later stages run with the quantized weights, exactly as the checkpoint will
                 dequantized = part.dequantize()
-                error = hessian_error(linear_weight_before(stacked, group, name, self.modules),
-                                      part, hessian.hessian, dequantized=dequantized)
                 linear.weight.data = dequantized.to(linear.weight.device, linear.weight.dtype)
                 self.result.weights[name] = part
                 self.result.stats[name] = GPTQStats(

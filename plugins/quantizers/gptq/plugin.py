@@ -23,6 +23,15 @@ GPTQModel's settings too)::
         codes_lr: 0.0      # > 0 lets the integer codes move too (straight-through rounding)
         norms: false       # also tune the block's RMSNorm weights (written as float overrides)
         batch_size: 4      # calibration samples per step
+      rotation: none       # hadamard: randomized Hadamard input rotations (see below)
+      rotation_seed: 0
+
+``rotation: hadamard`` quantizes every linear in a randomly rotated input basis (incoherence
+processing, QuIP#/QuaRot; ``plugins/hadamard.py``): GPTQ works on ``W @ T`` with the Hessian of
+``x @ T``, linears that read one tensor share T, and the checkpoint stores T next to the integers
+(``quant_method: quantmill_rotated_gptq``, read by quantmill's GPTQ reader; a method no other
+runtime implements, so none can mistake it for a plain GPTQ checkpoint: transformers skips the
+unknown method with a warning and reports every quantized weight as missing).
 
 Why the two algorithm options are on by default (SmolLM2-135M, 4-bit g128, desc_act off, damp
 0.01, perplexity on the GPTQ benchmark's protocol, measured on an H100,
@@ -119,7 +128,7 @@ class GPTQQuantizer(RTNQuantizer):
                                    batch_size=c.batch_size,
                                    activation_cache=getattr(torch, c.activation_cache),
                                    tuning=TuningSettings(**c.block_tuning.model_dump()),
-                                   device=device)
+                                   rotation_seed=c.rotation_seed_or_none, device=device)
         out = quantize_model_layerwise(model, plan.modules, calibration.input_ids, options)
         details = {
             "method": self.name,
@@ -131,6 +140,7 @@ class GPTQQuantizer(RTNQuantizer):
             "activation_cache": c.activation_cache,
             "calibration_tokens": int(calibration.input_ids.numel()),
             "block_tuning": c.block_tuning.model_dump(),
+            "rotation": c.rotation,
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
                               "hessian_error": s.hessian_error}
                        for name, s in out.stats.items()},
