@@ -4,9 +4,10 @@ Why: a linear's weight W and its inputs x can be turned by any orthogonal T with
 the layer, ``x @ W.T == (x @ T) @ (W @ T).T``. With a random T, the few input channels that
 carry large activations (and the large weights that meet them) are spread over all channels:
 W @ T has no outlier columns and looks Gaussian, so a low-bit grid wastes fewer levels on
-outliers (QuIP#, Tseng et al. 2024; QuaRot, Ashkboos et al. 2024). Measured on SmolLM2-135M
-(bench/results/rotation-tuning-cuda-experiments.json): GPTQ at 3 bits 33.72 -> 31.12 perplexity,
-mixed precision at 3.5 average bits 30.42 -> 28.91.
+outliers (QuIP#, Tseng et al. 2024; QuaRot, Ashkboos et al. 2024). Measured on SmolLM2-135M with
+GPTQ's recommended settings, checkpoint written and read back (H100,
+bench/results/rotation-product-cuda.json): perplexity at 4-bit g128 27.5 -> 26.78, at 3 bits
+34.0 -> 31.00, mixed precision at 3.5 average bits 29.95 -> 29.21.
 
 The transform is ``T = diag(s) @ kron(Q, H)`` for ``n = m * 2^k`` (m odd): random signs ``s``, a
 seeded Haar-random orthogonal ``Q`` (m x m; [[1]] when n is a power of two) and the normalised

@@ -92,7 +92,16 @@ Rotations are now a quantizer option (``rotation: hadamard`` for rtn and gptq; t
 measures ``W @ T`` with the Hessian of ``x @ T`` and counts each module's rotation tensors in its
 cost). Through the product path (checkpoint written and read back, H100,
 bench/results/rotation-product-cuda.json): 3.5 average bits 29.21, with block tuning (scales and
-norms, 5 epochs) 28.41; uniform 4-bit rotated 26.78, 3-bit 31.00.
+norms, 5 epochs) 28.41; uniform 4-bit rotated 26.78, 3-bit 31.00. On the CPU, side by side in
+one batch (bench/results/tradeoff-rotated/): 3.5 bits rotated 28.97, uniform 3-bit rotated 31.11,
+4-bit rotated 26.81, unrotated 4-bit 27.59.
+
+What closes the gap is a trellis code on the rotated weights (QTIP's bitshift trellis, an
+experiment so far: bench/trellis_experiment.py, bench/results/trellis-cuda-experiments.json,
+H100): with this allocator's plan re-budgeted so that the trellis formats cost 3.499 bits per
+weight, perplexity 27.21 (state bits L=16), 27.25 (L=12), 27.36 (L=10), all below uniform 4-bit
+GPTQ's 27.59; uniform 3-bit trellis (3.046 bits per weight) 28.55 against GPTQ's 33.72. L=10
+needs about 2.3e11 Viterbi state updates for the model, which a CPU does in minutes.
 """
 
 from __future__ import annotations
