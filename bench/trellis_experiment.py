@@ -127,6 +127,8 @@ from gptq_bench import calibration_file, demo_gguf  # noqa: E402
 from rotation_experiment import perplexity, rotate  # noqa: E402
 
 from quantmill.plugins.quantizers.clustering.calibration import _stage_hessian  # noqa: E402
+from quantmill.plugins.quantizers.trellis import code  # noqa: E402
+from quantmill.plugins.quantizers.trellis.code import Trellis, can_tailbite  # noqa: E402
 
 SCALE_BITS = 16
 STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -140,23 +142,6 @@ DEFAULT_QUANTIZER = {"method": "gptq", "bits": 4, "group_size": 128, "desc_act":
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Trellis:
-    """A bitshift trellis: ``L``-bit state, ``k`` bits per step, ``table`` [2^L] of values."""
-
-    L: int
-    k: int
-    table: torch.Tensor
-
-    @property
-    def fanin(self) -> int:  # 2^k: predecessors of a state, successors of a state
-        return 1 << self.k
-
-    @property
-    def prefixes(self) -> int:  # 2^(L-k): what a state keeps of its predecessor
-        return 1 << (self.L - self.k)
-
-
 @dataclass
 class Counters:
     """Viterbi work done so far: seconds and state updates (for the device's rate)."""
@@ -168,93 +153,33 @@ class Counters:
 COUNTERS = Counters()
 
 
-def gaussian_table(L: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 2^L standard-Gaussian quantiles, rounded to fp16, in a seeded random order."""
-    n = 1 << L
-    quantiles = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return quantiles[order].to(torch.float16).to(torch.float32).to(device)
-
-
 def make_trellis(L: int, k: int, seed: int, device: torch.device | str = "cpu") -> Trellis:
-    if not 1 <= k < L:
-        raise ValueError(f"need 1 <= k < L, got k={k}, L={L}")
-    return Trellis(L, k, gaussian_table(L, seed, device))
-
-
-def _viterbi_rows(tr: Trellis, x: torch.Tensor, weights: list[float] | None,
-                  overlap: torch.Tensor | None) -> torch.Tensor:
-    """Least-squares state path [B, T] (int64) for targets ``x`` [B, T]; ``overlap`` [B]: the
-    L-k low bits the state before step 0 and the last state must both have (tail-biting)."""
-    rows, steps = x.shape
-    fanin, prefixes, n = tr.fanin, tr.prefixes, 1 << tr.L
-    dev = x.device
-    w = weights or [1.0] * steps
-    # the -2 w x c term's factor per step
-    xw = x if weights is None else x * torch.tensor(w, device=dev, dtype=x.dtype)
-    c2 = (tr.table * tr.table).view(prefixes, fanin)
-    cneg2 = (-2.0 * tr.table).view(prefixes, fanin)
-    # costs drop each step's constant w x^2: only differences between states matter
-    m = torch.zeros(rows, prefixes, device=dev)
-    if overlap is not None:
-        allowed = torch.arange(prefixes, device=dev)[None, :] == overlap[:, None]
-        m = torch.where(allowed, m, torch.full_like(m, math.inf))
-    cost = torch.empty(rows, n, device=dev)
-    # int64, what min() writes: no conversion pass (less memory traffic than uint8 + a copy)
-    back = torch.empty(max(steps - 1, 0), rows, prefixes, dtype=torch.int64, device=dev)
-    grid = cost.view(rows, prefixes, fanin)  # s = (u << k) | b: u what it keeps, b its new bits
-    preds = cost.view(rows, fanin, prefixes)  # s = (j << (L-k)) | u: j the bits it drops
-    for t in range(steps):
-        if t > 0:
-            torch.min(preds, dim=1, out=(m, back[t - 1]))
-        torch.add(m.unsqueeze(-1), c2, alpha=w[t], out=grid)
-        grid.addcmul_(xw[:, t].view(rows, 1, 1), cneg2)
-    if overlap is not None:
-        ends = torch.arange(n, device=dev)[None, :] & (prefixes - 1)
-        cost.masked_fill_(ends != overlap[:, None], math.inf)
-    state = cost.argmin(dim=1)
-    states = [state]
-    for t in range(steps - 1, 0, -1):  # three small kernels a step: launches dominate here
-        u = state >> tr.k
-        state = torch.add(u, back[t - 1].gather(1, u[:, None]).squeeze(1), alpha=prefixes)
-        states.append(state)
-    return torch.stack(states[::-1], dim=1)
+    return code.make_trellis(L, k, seed).to(device)
 
 
 def viterbi(tr: Trellis, x: torch.Tensor, weights: list[float] | None = None,
             overlap: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """``_viterbi_rows`` over row chunks of at most ``chunk_elems`` cost entries each (the
-    back-pointers take 2 * T / 2^k times as many bytes as the costs).
-
-    No device synchronisation: on CUDA ``COUNTERS.seconds`` is the host's time in here, which
-    follows the device's once its launch queue is full (launches overlap the work)."""
+    """``code.viterbi``, counted in ``COUNTERS``. No device synchronisation: on CUDA the
+    seconds are the host's time in here, which follows the device's once its launch queue is
+    full (launches overlap the work)."""
     t0 = time.perf_counter()
-    rows = max(1, chunk_elems >> tr.L)
-    parts = [_viterbi_rows(tr, x[r : r + rows], weights,
-                           None if overlap is None else overlap[r : r + rows])
-             for r in range(0, x.shape[0], rows)]
+    out = code.viterbi(tr, x, weights, overlap, chunk_elems)
     COUNTERS.seconds += time.perf_counter() - t0
     COUNTERS.states += x.shape[0] * x.shape[1] << tr.L
-    return torch.cat(parts)
-
-
-def can_tailbite(tr: Trellis, steps: int) -> bool:
-    """Whether T*k bits fill a state (else the circular stream would not define one)."""
-    return steps * tr.k >= tr.L
+    return out
 
 
 def encode(tr: Trellis, x: torch.Tensor, weights: list[float] | None = None,
            tailbite: bool = True, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """State paths [B, T] for ``x`` [B, T]: tail-biting (QTIP's two-pass approximation) when
+    """State paths [B, T] for ``x`` [B, T]: tail-biting (``code.encode``, two passes) when
     asked and possible, else a free start."""
-    steps = x.shape[1]
-    if not (tailbite and can_tailbite(tr, steps)):
+    if not (tailbite and can_tailbite(tr, x.shape[1])):
         return viterbi(tr, x, weights, None, chunk_elems)
-    half = steps // 2
-    rolled_w = None if weights is None else weights[half:] + weights[:half]
-    rolled = viterbi(tr, torch.roll(x, -half, dims=1), rolled_w, None, chunk_elems)
-    overlap = rolled[:, steps - 1 - half] & (tr.prefixes - 1)  # original step T-1's low bits
-    return viterbi(tr, x, weights, overlap, chunk_elems)
+    t0 = time.perf_counter()
+    out = code.encode(tr, x, weights, chunk_elems)
+    COUNTERS.seconds += time.perf_counter() - t0
+    COUNTERS.states += 2 * (x.shape[0] * x.shape[1] << tr.L)
+    return out
 
 
 def sequence_bits(tr: Trellis, steps: int, tailbite: bool) -> int:
@@ -644,7 +569,7 @@ def plan_bits(plan: dict[str, ModulePlan], shapes: dict[str, tuple[int, int]],
         if mp.kind == "scalar":
             total += weight_bits(Candidate(mp.bits, mp.group_size), rows, cols)
             continue
-        tr, per = Trellis(s.L, mp.bits, torch.empty(0)), tile_rows(s)
+        tr, per = Trellis(s.L, mp.bits, torch.zeros(1 << s.L)), tile_rows(s)  # only counts bits
         seqs = sum(sequence_bits(tr, per * min(s.width, cols - c0), s.tailbite)
                    for c0 in range(0, cols, s.width))
         total += (-(-rows // per) * seqs + rows * SCALE_BITS
