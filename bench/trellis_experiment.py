@@ -128,6 +128,17 @@ from rotation_experiment import perplexity, rotate  # noqa: E402
 
 from quantmill.plugins.quantizers.clustering.calibration import _stage_hessian  # noqa: E402
 from quantmill.plugins.quantizers.trellis import code  # noqa: E402
+from quantmill.plugins.quantizers.trellis.algorithm import (  # noqa: E402
+    column_scales,
+    fp16_scales,
+    from_sequences,
+    multiplier_grid,
+    refit_row_scales,
+    to_sequences,
+)
+from quantmill.plugins.quantizers.trellis.algorithm import (  # noqa: E402
+    hessian_error as proxy_loss,
+)
 from quantmill.plugins.quantizers.trellis.code import Trellis, can_tailbite  # noqa: E402
 
 SCALE_BITS = 16
@@ -241,19 +252,6 @@ class TrellisSettings:
         return self.block or self.T
 
 
-def multiplier_grid(count: int) -> list[float]:
-    """Scale multipliers tried (scale = mult * row RMS; 1.0 alone when count is 1). On iid
-    Gaussian data the best one grows with k and shrinks with L (L=12: 1.0 / 1.1 / 1.1 at
-    k = 2 / 3 / 4; L=8: 1.1 / 1.2 / 1.2), hence 0.9 to 1.3."""
-    if count <= 1:
-        return [1.0]
-    return [0.9 + 0.4 * i / (count - 1) for i in range(count)]
-
-
-def fp16_scales(values: torch.Tensor) -> torch.Tensor:
-    return values.clamp(1e-4, 6e4).to(torch.float16).to(torch.float32)
-
-
 def feedback_update(delta: torch.Tensor, hinv: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
     """``E = D U_BB^-1`` for a block's error ``D`` [rows, c1-c0]: the block's share of the proxy
     loss is ``|E|^2`` and the later columns get ``W[:, c1:] -= E @ U[c0:c1, c1:]``."""
@@ -289,39 +287,6 @@ def choose_multiplier(tr: Trellis, normalized: torch.Tensor, s: TrellisSettings,
     return grid[min(range(len(grid)), key=errors.__getitem__)]
 
 
-def column_scales(w: torch.Tensor, parts: list[int]) -> torch.Tensor:
-    """Per module (``parts``: its rows in the stack) an fp16 scale per input column, the RMS of
-    the column after dividing each row by its RMS, normalised to mean square 1; as a
-    [rows, cols] grid (each row holds its module's scales)."""
-    rows = w / w.square().mean(dim=1, keepdim=True).sqrt().clamp_min(1e-8)
-    grids = []
-    for part in torch.split(rows, parts):
-        col = part.square().mean(dim=0).sqrt()
-        col = col / col.square().mean().sqrt().clamp_min(1e-8)
-        grids.append(fp16_scales(col).expand(part.shape[0], -1))
-    return torch.cat(grids)
-
-
-def refit_row_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                     hessian: torch.Tensor) -> torch.Tensor:
-    """Per row, the fp16 scale minimising ``(w - s c) H (w - s c)^T`` for fixed unit codes c,
-    where it is better than ``scale`` (float64 sums)."""
-    h = hessian.double()
-    w64, c64 = w.double(), codes.double()
-    ch = c64 @ h
-    num, den = (ch * w64).sum(1), (ch * c64).sum(1)
-    const = ((w64 @ h) * w64).sum(1)
-    new = fp16_scales((num / den.clamp_min(1e-30)).float())
-    ok = torch.isfinite(new) & (new > 0)
-
-    def err(sv: torch.Tensor) -> torch.Tensor:
-        sv = sv.double()
-        return const - 2 * sv * num + sv * sv * den
-
-    better = ok & (err(new) < err(scale))
-    return torch.where(better, new, scale)
-
-
 @dataclass
 class LinearResult:
     dequantized: torch.Tensor  # [rows, cols], float32
@@ -347,19 +312,6 @@ def tile_rows(s: TrellisSettings) -> int:
     if s.T % s.width:
         raise ValueError(f"T ({s.T}) must be a multiple of block ({s.width})")
     return s.T // s.width
-
-
-def to_sequences(block: torch.Tensor, per: int) -> torch.Tensor:
-    """[rows, width] -> [ceil(rows / per), per * width]: each sequence is ``per`` consecutive
-    rows, row after row (missing rows padded with zeros)."""
-    pad = -block.shape[0] % per
-    if pad:
-        block = torch.cat([block, block.new_zeros(pad, block.shape[1])])
-    return block.reshape(-1, per * block.shape[1])
-
-
-def from_sequences(seqs: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    return seqs.reshape(-1, width)[:rows]
 
 
 def _feedback_pass(original: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor,
@@ -423,12 +375,6 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, dead: torch.Ten
             best = result
     assert best is not None
     return best
-
-
-def proxy_loss(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T) in float64."""
-    diff = (w - q).double()
-    return float(((diff @ hessian.double()) * diff).sum())
 
 
 # ---------------------------------------------------------------------------------------------
