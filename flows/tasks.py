@@ -343,7 +343,7 @@ def checkpoint_metadata(job: Job, quantized: dict[str, Any], base_sha256: str) -
     if len(groups) == 1 and job.quantizer.weight_kind == "uniform":
         metadata["group_size"] = groups.pop()
     seeds = sorted({spec["rotation_seed"] for spec in specs if "rotation_seed" in spec})
-    if seeds:  # an auditor can find rotated checkpoints (quant_method quantmill_rotated_gptq)
+    if seeds:  # an auditor can find the checkpoints made from rotated weights
         metadata["rotation"] = {"kind": "randomized_hadamard", "seeds": seeds}
     return metadata
 

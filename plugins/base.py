@@ -226,8 +226,12 @@ WEIGHT_KINDS: dict[type, str] = {QuantizedWeight: "uniform", ClusteredWeight: "c
 
 
 def weight_kind(weight: QuantizedTensor) -> str:
-    """``"uniform"`` (integers with scales and zeros) or ``"codebook"`` (look-up table)."""
-    return WEIGHT_KINDS[type(weight)]
+    """``"uniform"`` (integers with scales and zeros), ``"codebook"`` (look-up table), or what
+    a weight class of a quantizer's own declares as ``WEIGHT_KIND`` (``"trellis"``)."""
+    kind = WEIGHT_KINDS.get(type(weight)) or getattr(type(weight), "WEIGHT_KIND", None)
+    if kind is None:
+        raise TypeError(f"{type(weight).__name__} is not a quantized weight kind quantmill knows")
+    return kind
 
 
 @dataclass

@@ -5,17 +5,20 @@ the layer, ``x @ W.T == (x @ T) @ (W @ T).T``. With a random T, the few input ch
 carry large activations (and the large weights that meet them) are spread over all channels:
 W @ T has no outlier columns and looks Gaussian, so a low-bit grid wastes fewer levels on
 outliers (QuIP#, Tseng et al. 2024; QuaRot, Ashkboos et al. 2024). Measured on SmolLM2-135M with
-GPTQ's recommended settings, checkpoint written and read back (H100,
-bench/results/rotation-product-cuda.json): perplexity at 4-bit g128 27.5 -> 26.78, at 3 bits
-34.0 -> 31.00, mixed precision at 3.5 average bits 29.95 -> 29.21.
+GPTQ's recommended settings, checkpoint written and read back, side by side on 2 CPU cores
+(bench/results/tradeoff-rotated/ and, for the unrotated 3-bit and 3.5-bit points,
+bench/results/tradeoff.md): perplexity at 4-bit g128 27.59 -> 26.81, at 3 bits 33.72 -> 31.11,
+mixed precision at 3.5 average bits 30.41 -> 28.97.
 
 The transform is ``T = diag(s) @ kron(Q, H)`` for ``n = m * 2^k`` (m odd): random signs ``s``, a
 seeded Haar-random orthogonal ``Q`` (m x m; [[1]] when n is a power of two) and the normalised
 Sylvester Hadamard matrix ``H`` (2^k x 2^k). A checkpoint stores it in n signs and m^2 floats,
 not n^2; applying it costs ``n * (m + sum of the Hadamard factors)`` multiply-adds per vector
-(H is applied as a Kronecker product of factors of at most 64), a few percent of the linear it
-feeds. The same seed and site always give the same T, so the allocator's measurements and the
-quantizer see the same rotated weights.
+(H is applied as a Kronecker product of dense factors of at most 64): for SmolLM2-135M about 10 %
+of the linears' multiply-adds (13 % for a 576 x 576 linear, 38 % for the narrow k/v projections,
+which the reader rotates separately from q although they share the rotation). The same seed and
+site always give the same T, so the allocator's measurements and the quantizer see the same
+rotated weights.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.quantizers.dynamic_int8.plugin",
     "quantmill.plugins.formats.compressed_tensors",
     "quantmill.plugins.quantizers.clustering.plugin",
+    "quantmill.plugins.quantizers.trellis.plugin",
     "quantmill.plugins.formats.lut",
     "quantmill.plugins.formats.dequantized",
     "quantmill.storage.local",

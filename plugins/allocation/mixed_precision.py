@@ -77,7 +77,7 @@ for the five budgets: ``reuse_sensitivity``).
 Two further levers, measured for the 3.5-bit point (bench/results/rotation-tuning-cuda-
 experiments.json): GPTQ's ``block_tuning`` (each block's scales, and optionally norms, fitted to
 the float block's output) and random input rotations (QuIP#/QuaRot-style incoherence,
-``bench/rotation_experiment.py``, an experiment: no checkpoint format holds them yet). On the
+``bench/rotation_experiment.py``, the experiment that led to the ``rotation`` option below). On the
 H100, rotated: 28.93; with ten candidates 28.75; with block tuning 28.27 (10 epochs: 28.27;
 both: 28.25); uniform 4-bit GPTQ rotated: 26.79. On the CPU, rotated: 29.06 (clustering
 executing the plan: 29.27), uniform 3-bit 31.84 (33.72 unrotated); unrotated with block tuning

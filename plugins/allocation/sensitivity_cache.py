@@ -12,7 +12,7 @@ they depend on:
   different model never hits a stale table, whatever object holds it;
 * the calibration token ids actually used;
 * the measurement settings (modules, candidate formats, symmetry, weight kind, weighting,
-  samples, batch size, device type).
+  samples, batch size, device type, rotation seed).
 
 A reused table is a copy, and the plan's details say it was reused and give the key, so an
 auditor sees that two runs share one measurement. Anything that cannot be fingerprinted

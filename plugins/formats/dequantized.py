@@ -147,7 +147,7 @@ class DequantizedExporter(Exporter):
 
     name = "dequantized"
     format_name = "hf"
-    accepts_weight_kinds = frozenset({"uniform", "codebook"})
+    accepts_weight_kinds = frozenset({"uniform", "codebook", "trellis"})
     accepts_float_overrides = True
 
     def export(

@@ -12,6 +12,10 @@ in those runtimes without conversion. A checkpoint directory holds
 Symmetric weights are written as ``checkpoint_format: gptq`` (v1, stored zeros are
 ``zero - 1``: AutoGPTQ's convention, readable by every runtime); anything asymmetric as
 ``gptq_v2`` (zeros stored as they are), because v1 cannot store a zero point of 0.
+
+Weights with input rotations (``rotation: hadamard``) add ``<name>.input_rotation_signs`` and
+``<name>.input_rotation_block`` per linear and are written as ``quant_method:
+quantmill_rotated_gptq``: only quantmill's reader runs those (see ``quant_linear``).
 """
 
 from __future__ import annotations
@@ -138,6 +142,10 @@ def build_quantize_config(
     # Most common first; ties broken by (bits, group_size) so the choice is deterministic.
     (bits, group_size), _ = min(shapes.items(), key=lambda item: (-item[1], item[0]))
     rotated = any(qw.input_rotation is not None for qw in weights.values())
+    if rotated and not all(qw.input_rotation is not None for qw in weights.values()):
+        plain = sorted(n for n, qw in weights.items() if qw.input_rotation is None)
+        raise QuantmillError(f"a rotated GPTQ checkpoint needs every module rotated; "
+                             f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''} are not")
     syms = Counter(qw.sym for qw in weights.values())
     sym = max(syms.items(), key=lambda item: (item[1], item[0]))[0]
     dynamic: dict[str, dict[str, Any]] = {}
@@ -562,10 +570,18 @@ def _build_gptq_linear(
             f"but quant_method is {quant_config.get('quant_method')!r}: a rotated linear needs "
             f"quant_method {ROTATED_GPTQ_METHOD!r} and its {SIGNS_SUFFIX}/{BLOCK_SUFFIX} tensors")
     if rotated:
+        missing = [f"{name}.{s}" for s in (SIGNS_SUFFIX, BLOCK_SUFFIX) if f"{name}.{s}" not in
+                   tensors]
+        if missing:
+            raise QuantmillError(f"checkpoint module '{name}' is rotated but lacks tensor "
+                                 f"{', '.join(missing)}")
+        signs = tensors[f"{name}.{SIGNS_SUFFIX}"]
+        if signs.dim() != 1 or signs.numel() != in_features:
+            raise QuantmillError(f"{name}.{SIGNS_SUFFIX} has shape {tuple(signs.shape)}; the "
+                                 f"module has {in_features} inputs")
         try:
-            InputRotation.from_tensors(tensors[f"{name}.{SIGNS_SUFFIX}"],
-                                       tensors[f"{name}.{BLOCK_SUFFIX}"])
-        except (KeyError, ValueError) as exc:
+            InputRotation.from_tensors(signs, tensors[f"{name}.{BLOCK_SUFFIX}"])
+        except ValueError as exc:
             raise QuantmillError(f"bad input rotation of checkpoint module '{name}': "
                                  f"{exc}") from exc
     groups = int(scales.shape[0])

@@ -214,7 +214,7 @@ class GPTQLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotation = self.input_rotation()
         if rotation is not None:
-            x = rotation.apply(x)  # O(in log in) per token, as a runtime kernel would do it
+            x = rotation.apply(x)  # small dense factors per token (see plugins/hadamard.py)
         weight = self.dequantize_stored_weight().to(x.dtype)  # transient: never cached
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

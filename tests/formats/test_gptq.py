@@ -568,3 +568,65 @@ def test_rotated_checkpoint_reads_onto_every_device(tmp_path: Path, device: str)
         got = back(input_ids=ids).logits.cpu()
     torch.testing.assert_close(got, logits(reference_model(model, result)), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_rtn_rotated_result_round_trips_and_exports_dequantized(tmp_path: Path) -> None:
+    """The rtn plugin's rotated weights, through the GPTQ checkpoint and through the plain fp16
+    export (what any runtime loads)."""
+    from quantmill.plugins.formats.dequantized import write_dequantized_checkpoint
+    from quantmill.plugins.quantizers.rtn.plugin import RTNQuantizer
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192)
+    quantizer = RTNQuantizer.from_options({"bits": 4, "group_size": 32, "rotation": "hadamard"})
+    names = [n for n, m in model.named_modules() if n.endswith(PROJECTIONS)]
+    result = quantizer.quantize(model, QuantPlan(dict.fromkeys(names,
+                                                               quantizer.default_spec())), None)
+    write_gptq_checkpoint(loaded(model), result, tmp_path / "gptq")
+    assert_round_trip(model, result, tmp_path / "gptq")
+    write_dequantized_checkpoint(loaded(model), result, tmp_path / "fp16")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "fp16", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(plain), logits(reference_model(model, result)),
+                               rtol=2e-2, atol=2e-3)  # fp16 weights
+
+
+def test_writers_refuse_what_they_cannot_hold(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from quantmill.plugins.formats.compressed_tensors import write_compressed_tensors_checkpoint
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192)
+    result = quantize_rotated(model)
+    name = "model.layers.1.mlp.up_proj"
+    half = QuantizationResult({**result.weights, name: replace(result.weights[name],
+                                                               input_rotation=None)},
+                              result.plan, {})
+    with pytest.raises(QuantmillError, match="needs every module rotated; "
+                                             "model.layers.1.mlp.up_proj are not"):
+        write_gptq_checkpoint(loaded(model), half, tmp_path / "half")
+    assert not (tmp_path / "half").exists()
+    with pytest.raises(QuantmillError, match="cannot write module .* input rotation"):
+        write_compressed_tensors_checkpoint(loaded(model), result, tmp_path / "ct")
+
+
+def test_reader_names_a_missing_or_misshapen_rotation_tensor(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192)
+    out = tmp_path / "rotated"
+    write_gptq_checkpoint(loaded(model), quantize_rotated(model), out)
+    tensors = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.o_proj"
+    for label, change, message in [
+        ("no-block", lambda t: t.pop(f"{name}.input_rotation_block"),
+         f"'{name}' is rotated but lacks tensor {name}.input_rotation_block"),
+        ("short-signs", lambda t: t.update({f"{name}.input_rotation_signs":
+                                            t[f"{name}.input_rotation_signs"][:48]}),
+         f"{name}.input_rotation_signs has shape \\(48,\\); the module has 96 inputs"),
+    ]:
+        broken = dict(tensors)
+        change(broken)
+        target = tmp_path / label
+        shutil_copy(out, target)
+        save_file(broken, str(target / "model.safetensors"))
+        with pytest.raises(QuantmillError, match=message):
+            load_gptq_checkpoint(target)

@@ -216,7 +216,7 @@ def test_exporters_and_source_are_registered(tmp_path: Path) -> None:
     assert catalog.model_sources.get("lut") is LUTCheckpointSource
     assert LUTExporter.format_name == "lut" and LUTExporter.accepts_weight_kinds == {"codebook"}
     assert DequantizedExporter.format_name == "hf"
-    assert DequantizedExporter.accepts_weight_kinds == {"uniform", "codebook"}
+    assert DequantizedExporter.accepts_weight_kinds == {"uniform", "codebook", "trellis"}
     # "source: auto" picks the lut reader for a lut checkpoint, never the plain hf one
     model = tiny_llama()
     out = tmp_path / "ckpt"

@@ -18,10 +18,15 @@ from quantmill.plugins.hadamard import (
 )
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
+    HessianAccumulator,
     gptq_quantize,
     hessian_error,
 )
-from quantmill.plugins.quantizers.gptq.block_tuning import TuningSettings, tune_block
+from quantmill.plugins.quantizers.gptq.block_tuning import (
+    TunableWeight,
+    TuningSettings,
+    tune_block,
+)
 from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 from quantmill.plugins.quantizers.rtn.plugin import RTNQuantizer
@@ -195,6 +200,21 @@ def test_gptq_rotated_shares_one_rotation_per_input_and_runs_what_it_stores() ->
     for name, qw in result.weights.items():
         w = model.get_submodule(name).weight.detach()
         assert float((qw.dequantize() - w).norm() / w.norm()) < 0.2
+    # GPTQ worked with the rotated Hessian: the error it records (rotated basis) is the layer's
+    # true output error, measured in the original basis on q_proj's own (float) inputs
+    name = "model.layers.0.self_attn.q_proj"
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=_calibration().input_ids)
+    handle.remove()
+    acc = HessianAccumulator(96)
+    acc.add(torch.cat(captured))
+    true_error = hessian_error(model.get_submodule(name).weight.detach(),
+                               result.weights[name], acc.hessian())
+    assert result.details["layers"][name]["hessian_error"] == pytest.approx(true_error,
+                                                                             rel=1e-3)
 
 
 def test_block_tuning_of_rotated_weights_keeps_the_rotation() -> None:
@@ -222,8 +242,17 @@ def test_block_tuning_of_rotated_weights_keeps_the_rotation() -> None:
     with torch.no_grad():
         target = float_block(x, **kw)
         target = target[0] if isinstance(target, tuple) else target
+    # the differentiable weight block tuning starts from is the weight the block runs
+    for qw in weights.values():
+        assert torch.allclose(TunableWeight(qw, torch.device("cpu"), codes=False).weight(),
+                              qw.dequantize(), atol=1e-6)
     tuned = tune_block(block, weights, [x], [target], [kw],
                        TuningSettings(epochs=20, lr=0.01, batch_size=4))
+    with torch.no_grad():
+        start = block(x, **kw)
+        start = start[0] if isinstance(start, tuple) else start
+    assert tuned.stats.loss_before == pytest.approx(float((start - target).pow(2).mean()),
+                                                    rel=1e-4)
     assert tuned.stats.kept and tuned.stats.loss_after < tuned.stats.loss_before
     for local, qw in tuned.weights.items():
         assert qw.input_rotation is weights[local].input_rotation
@@ -262,6 +291,17 @@ def test_allocator_measures_what_the_rotating_quantizer_will_quantize() -> None:
     dw = wr - quantize_groups(wr, 2, 32, False).dequantize()
     expected = float(((dw @ rotation.rotate_hessian(h)) * dw).sum())
     assert rotated.damages[name][0] == pytest.approx(expected, rel=1e-3)
+
+
+def test_rotated_and_unrotated_measurements_are_cached_apart() -> None:
+    from quantmill.plugins.allocation.sensitivity_cache import measurement_key
+
+    model = _tiny_llama()
+    names = ["model.layers.0.mlp.down_proj"]
+    ids = _calibration().input_ids
+    keys = {measurement_key(model, names, [Candidate(4, 32)], False, "uniform", ids,
+                            SensitivityOptions(rotation_seed=seed)) for seed in (None, 0, 1)}
+    assert len(keys) == 3 and None not in keys
 
 
 def test_rotation_cost_is_counted_in_the_budget() -> None:

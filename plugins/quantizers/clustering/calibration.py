@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from quantmill.plugins.base import ClusteredWeight
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models.modules import block_output
 from quantmill.plugins.progress import progress_bar
@@ -32,8 +31,7 @@ from quantmill.plugins.quantizers.gptq.algorithm import HessianAccumulator
 from quantmill.plugins.quantizers.gptq.layerwise import capture_block_inputs, find_decoder_layers
 
 #: callback quantizing the linears of one stage (full names, modules) given their Hessian
-StageQuantizer = Callable[[list[str], list[torch.nn.Linear], torch.Tensor],
-                          dict[str, ClusteredWeight]]
+StageQuantizer = Callable[[list[str], list[torch.nn.Linear], torch.Tensor], dict[str, Any]]
 
 
 class _Stop(Exception):
@@ -151,32 +149,34 @@ def _stage_hessian(block: torch.nn.Module, first: torch.nn.Module, hidden: list[
 def quantize_blockwise(
     model: torch.nn.Module, names: list[str], input_ids: torch.Tensor, batch_size: int,
     device: torch.device, quantize_stage: StageQuantizer,
-) -> dict[str, ClusteredWeight]:
-    """Quantize the named linears block by block with ``quantize_stage`` (see module doc)."""
+    method: str = "clustering with compensate", fallback: str = "set compensate: false",
+) -> dict[str, Any]:
+    """Quantize the named linears block by block with ``quantize_stage`` (see module doc);
+    ``method`` and ``fallback`` word the errors (the trellis quantizer runs through here too)."""
     if not names:
         return {}
     try:
         prefix, layers = find_decoder_layers(model)
     except QuantmillError:
-        raise QuantmillError("clustering with compensate: could not find the model's decoder "
-                             "blocks (set compensate: false)") from None
+        raise QuantmillError(f"{method}: could not find the model's decoder blocks "
+                             f"({fallback})") from None
     per_block: list[list[str]] = [[] for _ in layers]
     for name in names:
         head, _, rest = name.partition(f"{prefix}.")
         index, _, local = rest.partition(".")
         if head or not index.isdigit() or not local or int(index) >= len(layers):
             raise QuantmillError(
-                f"clustering with compensate quantizes linears inside decoder blocks; '{name}' "
-                "is not one (skip it, or set compensate: false)")
+                f"{method} quantizes linears inside decoder blocks; '{name}' "
+                f"is not one (skip it, or {fallback})")
         per_block[int(index)].append(local)
     hidden, kwargs = capture_block_inputs(model, layers[0], input_ids, batch_size, device)
     kwargs = [{k: v for k, v in kw.items()
                if k not in ("use_cache", "past_key_values", "past_key_value")} for kw in kwargs]
-    result: dict[str, ClusteredWeight] = {}
+    result: dict[str, Any] = {}
     # blocks of one class with the same planned linears run them in the same order: the
     # stages are watched once per such kind of block, not once per block
     known: dict[tuple[type, tuple[str, ...]], list[list[str]]] = {}
-    with progress_bar("quantize (clustering)", total=len(layers)) as advance:
+    with progress_bar(f"quantize ({method.split()[0]})", total=len(layers)) as advance:
         for i, block in enumerate(layers):
             where = f"{prefix}.{i}"
             work = copy.deepcopy(block).to(device)

@@ -141,6 +141,7 @@ class GPTQQuantizer(RTNQuantizer):
             "calibration_tokens": int(calibration.input_ids.numel()),
             "block_tuning": c.block_tuning.model_dump(),
             "rotation": c.rotation,
+            "rotation_seed": c.rotation_seed_or_none,
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
                               "hessian_error": s.hessian_error}
                        for name, s in out.stats.items()},

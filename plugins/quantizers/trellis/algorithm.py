@@ -27,6 +27,7 @@ by every module and counted once per checkpoint).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -72,6 +73,8 @@ class TrellisWeight:
     rounded to fp16. The stored weight is ``row_scales[r] * col_scales[c] * table[state]``; with
     an ``input_rotation`` T the layer stands for ``stored @ T.T`` (``dequantize``).
     """
+
+    WEIGHT_KIND: ClassVar[str] = "trellis"
 
     packed: torch.Tensor
     row_scales: torch.Tensor
