@@ -5,7 +5,9 @@ if it counts everything a module adds to the file, not just its b-bit integers. 
 format is counted exactly as the ``size`` evaluator measures a written GPTQ module
 (``plugins/evaluators/size.py``, ``bits_per_weight``): packed int32 ``qweight`` words, packed
 ``qzeros`` words, fp16 ``scales`` and the int32 ``g_idx``. A codebook format (weight clustering)
-costs a b-bit index per weight plus one fp16 table of 2**b entries per output row. A module
+costs a b-bit index per weight plus one fp16 table of 2**b entries per output row; a trellis
+format (``quantizers/trellis``) b bits per weight plus an fp16 scale per row and per input
+column (its table is shared by the whole model and not counted per module). A module
 with an input rotation also stores its int8 signs and float32 block. Costs are
 whole bits so budgets compare exactly (no float rounding can push a plan over its budget).
 """
@@ -22,8 +24,9 @@ WORD_BITS = 32
 SCALE_BITS = 16
 G_IDX_BITS = 32
 CODEBOOK_ENTRY_BITS = 16
+TRELLIS_SCALE_BITS = 16
 
-WeightKind = Literal["uniform", "codebook"]
+WeightKind = Literal["uniform", "codebook", "trellis"]
 
 
 @dataclass(frozen=True, order=True)
@@ -63,6 +66,8 @@ def weight_bits(candidate: Candidate, out_features: int, in_features: int,
         return (weight_bits(candidate, out_features, in_features, kind)
                 + rotation_bits(in_features))
     b = candidate.bits
+    if kind == "trellis":  # tail-biting paths of b bits per weight, fp16 row and column scales
+        return b * out_features * in_features + TRELLIS_SCALE_BITS * (out_features + in_features)
     if kind == "codebook":
         return b * out_features * in_features + CODEBOOK_ENTRY_BITS * (2**b) * out_features
     groups = num_groups(in_features, candidate.group_size)

@@ -4,7 +4,7 @@ damage under a size budget.
 Sample recipe section::
 
     quantization:
-      method: gptq                 # or rtn, clustering: the quantizer that executes the plan
+      method: gptq                 # or rtn, clustering, trellis: the quantizer that executes it
       bits: 4                      # the quantizer's own default (unused by this allocator)
       group_size: 128
       allocator: mixed_precision
@@ -132,6 +132,16 @@ from quantmill.plugins.models import deferred
 
 #: quantizer methods whose weights are codebooks (costed and measured as such)
 CODEBOOK_METHODS = frozenset({"clustering"})
+#: quantizer methods whose weights are trellis paths
+TRELLIS_METHODS = frozenset({"trellis"})
+TRELLIS_BITS = frozenset(range(2, 9))
+
+
+def weight_kind_of(method: str) -> WeightKind:
+    """How the allocator costs and measures the weights ``method`` produces."""
+    if method in CODEBOOK_METHODS:
+        return "codebook"
+    return "trellis" if method in TRELLIS_METHODS else "uniform"
 CODEBOOK_BITS = frozenset({2, 3, 4, 8})
 
 
@@ -230,7 +240,7 @@ class MixedPrecisionAllocator(BitAllocator):
         c: MixedPrecisionConfig = self.config  # type: ignore[assignment]
         if not quantizable:
             return QuantPlan(modules={}, details={"allocator": self.name})
-        kind: WeightKind = "codebook" if default.method in CODEBOOK_METHODS else "uniform"
+        kind = weight_kind_of(default.method)
         candidates = self._candidates(kind, default)
         shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features)
                   for n in quantizable}
@@ -256,7 +266,7 @@ class MixedPrecisionAllocator(BitAllocator):
         options = SensitivityOptions(num_samples=c.num_samples, batch_size=c.batch_size,
                                      weighting=c.weighting, fisher_samples=c.fisher_samples,
                                      rotation_seed=default.rotation_seed, device=device)
-        proxy = "codebook" if kind == "codebook" else "rtn"
+        proxy = {"codebook": "codebook", "trellis": "rtn-g128"}.get(kind, "rtn")
         key = (sensitivity_cache.measurement_key(model, quantizable, candidates, default.sym,
                                                  kind, calibration.input_ids, options)
                if c.reuse_sensitivity else None)
@@ -303,10 +313,11 @@ class MixedPrecisionAllocator(BitAllocator):
         formats = [Candidate(f.bits, f.group_size) for f in self.config.candidates]
         if kind == "uniform":
             return formats
-        bad = sorted({f.bits for f in formats} - CODEBOOK_BITS)
+        allowed = CODEBOOK_BITS if kind == "codebook" else TRELLIS_BITS
+        bad = sorted({f.bits for f in formats} - allowed)
         if bad:
-            raise QuantmillError(f"codebook method '{default.method}' supports "
-                                 f"{sorted(CODEBOOK_BITS)} bits; candidates ask for {bad}")
+            raise QuantmillError(f"{kind} method '{default.method}' supports "
+                                 f"{sorted(allowed)} bits; candidates ask for {bad}")
         # a codebook has no groups: one candidate per bit width, carrying the method's own
         by_bits = {f.bits: Candidate(f.bits, default.group_size) for f in formats}
         return [by_bits[b] for b in sorted(by_bits)]
@@ -371,7 +382,9 @@ class MixedPrecisionAllocator(BitAllocator):
 
 def _measure_text(weighting: str, proxy_name: str) -> str:
     proxy = {"codebook": "k-means codebook (clustering quantizer; RTN if it is not installed)",
-             "rtn": "round-to-nearest"}[proxy_name]
+             "rtn": "round-to-nearest",
+             "rtn-g128": "round-to-nearest at the same bits, groups of 128 (trellis proxy)",
+             }[proxy_name]
     error = "sum_j dW_j H dW_j^T, H = mean x x^T of the module's calibration inputs"
     weights = {"fisher": "0.5 * G_j (mean squared loss gradient of output j) per output row",
                "fisher_layer": "0.5 * mean_j G_j per module",

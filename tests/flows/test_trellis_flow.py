@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -74,3 +75,27 @@ def test_trellis_recipes_the_method_cannot_serve_are_refused(quantmill_home: Pat
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code != 0
     assert "bits (8) must be below state_bits (8)" in result.output
+
+
+def test_mixed_precision_plans_trellis_formats(quantmill_home: Path, tiny_recipe) -> None:
+    """The allocator costs trellis formats as the quantizer stores them (paths, scales and
+    rotations), so the plan's average bits are what the weights cost."""
+    candidates = [{"bits": b, "group_size": 128} for b in (2, 3, 4)]
+    recipe = _trellis_recipe(
+        tiny_recipe, "tiny-trellis-mixed.yaml",
+        {"bits": 3, "state_bits": 8, "allocator": "mixed_precision",
+         "allocator_options": {"avg_bits": 4.0, "candidates": candidates, "num_samples": 4,
+                               "fisher_samples": 2}},
+        export={"format": "dequantized"})
+    result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    with Registry.open() as reg:
+        [run] = [r for r in reg.list_runs() if r.kind == "quantization"]
+    plan, details = run.details["plan"], run.details["plan_details"]
+    assert details["weight_kind"] == "trellis"
+    assert len({p["bits"] for p in plan.values()}) > 1  # a budget between formats
+    assert details["achieved_avg_bits"] <= 4.0
+    assert details["achieved_avg_bits"] == pytest.approx(
+        run.details["quantizer"]["trellis_bits_per_weight"], rel=1e-12)
+    assert {m["bits"] for m in run.details["quantizer"]["layers"].values()} == \
+        {p["bits"] for p in plan.values()}
