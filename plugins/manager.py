@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.quantizers.clustering.plugin",
     "quantmill.plugins.quantizers.trellis.plugin",
     "quantmill.plugins.formats.lut",
+    "quantmill.plugins.formats.trellis",
     "quantmill.plugins.formats.dequantized",
     "quantmill.storage.local",
 )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
@@ -55,3 +56,41 @@ def directory_tokenizer(path: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class OwnLayoutSource(ModelSource):
+    """A checkpoint directory in one of quantmill's own layouts (``model.safetensors`` and a
+    ``config.json`` whose quantization_config ``read_config`` checks)."""
+
+    #: the layout's name in messages ("lut", "trellis")
+    layout: str
+
+    def read_config(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def load_checked(self, path: Path, device: torch.device) -> LoadedModel:
+        raise NotImplementedError
+
+    def check(self, path: Path) -> None:
+        if not path.is_dir():
+            raise QuantmillError(f"{self.layout} checkpoint path is not a directory: {path}")
+        if not (path / "model.safetensors").is_file():
+            raise QuantmillError(f"no model.safetensors in {self.layout} checkpoint "
+                                 f"directory {path}")
+        self.read_config(path)
+
+    def accepts(self, path: Path) -> bool:
+        try:
+            self.check(path)
+        except QuantmillError:
+            return False
+        return True
+
+    def load(self, path: Path, device: torch.device) -> LoadedModel:
+        self.check(path)
+        return self.load_checked(path, device)
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)

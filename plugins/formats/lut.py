@@ -47,7 +47,11 @@ from quantmill.plugins.base import (
     QuantizationResult,
 )
 from quantmill.plugins.errors import QuantmillError
-from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
+from quantmill.plugins.formats.common import (
+    OwnLayoutSource,
+    assign_checkpoint_tensors,
+    directory_tokenizer,
+)
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
     CONFIG_NAME,
@@ -249,37 +253,17 @@ class LUTExporter(Exporter):
         return write_lut_checkpoint(loaded, result, out_dir)
 
 
-def _is_lut_dir(path: Path) -> bool:
-    try:
-        read_lut_config(path)
-    except QuantmillError:
-        return False
-    return True
-
-
-class LUTCheckpointSource(ModelSource):
+class LUTCheckpointSource(OwnLayoutSource):
     """A ``quantmill-lut`` checkpoint directory (the ``lut`` exporter's output)."""
 
     name = "lut"
+    layout = "lut"
 
-    def check(self, path: Path) -> None:
-        if not path.is_dir():
-            raise QuantmillError(f"lut checkpoint path is not a directory: {path}")
-        if not (path / WEIGHTS_NAME).is_file():
-            raise QuantmillError(f"no {WEIGHTS_NAME} in lut checkpoint directory {path}")
-        read_lut_config(path)
+    def read_config(self, path: Path) -> Any:
+        return read_lut_config(path)
 
-    def accepts(self, path: Path) -> bool:
-        return path.is_dir() and _is_lut_dir(path)
-
-    def load(self, path: Path, device: torch.device) -> LoadedModel:
-        self.check(path)
+    def load_checked(self, path: Path, device: torch.device) -> LoadedModel:
         return load_lut_checkpoint(path, device=device)
-
-    def load_tokenizer(self, path: Path) -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 @hookimpl

@@ -126,7 +126,8 @@ class HFDirectorySource(ModelSource):
 
     def accepts(self, path: Path) -> bool:
         return path.is_dir() and not _has_quantization_config(path, *GPTQ_METHODS,
-                                                              "compressed-tensors")
+                                                              "compressed-tensors",
+                                                              "quantmill_trellis")
 
     def load(self, path: Path, device: torch.device) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer

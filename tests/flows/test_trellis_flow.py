@@ -1,6 +1,6 @@
-"""A recipe with ``method: trellis`` runs end to end on the tiny model (exported as fp16 through
-the ``dequantized`` format until the trellis checkpoint layout exists), and recipes the method
-cannot serve are refused at validation."""
+"""A recipe with ``method: trellis`` runs end to end on the tiny model (the quantmill-trellis
+checkpoint, or fp16 through ``dequantized``), and recipes the method cannot serve are refused at
+validation."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from quantmill.flows.cli import app
+from quantmill.plugins.formats.trellis import TrellisCheckpointSource, TrellisLinear
 from quantmill.plugins.hadamard import split_dimension
-from quantmill.plugins.models.sources import HFDirectorySource
 from quantmill.registry import Registry
 from quantmill.storage.local import LocalStorage
 
@@ -31,7 +31,7 @@ def _trellis_recipe(tiny_recipe, name: str, quantization: dict, **overrides) -> 
 
 def test_trellis_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = _trellis_recipe(tiny_recipe, "tiny-trellis.yaml", {"bits": 3, "state_bits": 8},
-                             export={"format": "dequantized"})
+                             export={"format": "trellis"})
     result = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     with Registry.open() as reg:
@@ -56,12 +56,14 @@ def test_trellis_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> No
         bits += 2 * (3 * out * inp + 16 * (out + inp) + 8 * inp + 32 * m * m)
         numel += 2 * out * inp
     assert details["trellis_bits_per_weight"] == bits / numel
-    assert ckpt.metadata["export"]["dequantized_from"]["weight_kinds"] == ["trellis"]
+    # the checkpoint holds the paths: the size evaluator measures what the quantizer reported
+    assert metrics["bits_per_weight"] == pytest.approx(bits / numel, rel=1e-12)
+    assert ckpt.format == "trellis"
     # 3-bit paths at L=8 on a random tiny model barely move its function; broken paths would
     # (random weights) multiply it
     assert abs(metrics["perplexity"] / base_ppl - 1) < 0.02
-    loaded = HFDirectorySource().load(LocalStorage().fetch(ckpt.uri), torch.device("cpu"))
-    assert loaded.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    loaded = TrellisCheckpointSource().load(LocalStorage().fetch(ckpt.uri), torch.device("cpu"))
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, TrellisLinear)
 
 
 def test_trellis_recipes_the_method_cannot_serve_are_refused(quantmill_home: Path,

@@ -1,1 +1,2 @@
-"""Trellis-coded quantization (QTIP's bitshift trellis): the code itself so far (``code.py``)."""
+"""Trellis-coded quantization (QTIP's bitshift trellis): the code (``code.py``), one layer
+(``algorithm.py``) and the ``trellis`` quantizer plugin (``plugin.py``)."""

@@ -1,6 +1,6 @@
 """Trellis quantization of one linear layer (QTIP-style, with LDLQ error feedback): pure tensor
-functions, no plugin wiring yet (the quantizer plugin, checkpoint format and allocator costs
-come next; ``bench/trellis_experiment.py`` runs the same algorithm over a whole model).
+functions (``plugin.py`` runs them layer by layer; ``bench/trellis_experiment.py`` is the
+experiment they came from).
 
 The weight ``W`` [rows, cols] (in the rotated basis, ``plugins/hadamard.py``: close to Gaussian)
 is coded as ``W[r, c] = row_scale[r] * col_scale[c] * table[state]``:

@@ -13,13 +13,13 @@ Sample recipe section::
       rotation_seed: 0     # the randomized Hadamard input rotations (always on: the code
                            # assumes Gaussian-like weights)
       damp_percent: 0.01
-      export: {format: dequantized}   # until the trellis checkpoint format exists
+    export: {format: trellis}   # the quantmill-trellis layout (formats/trellis.py); or
+                                # dequantized: fp16 for runtimes without a trellis reader
 
-What is not there yet: a checkpoint layout that stores the paths (so the model is exported as
-fp16 through the ``dequantized`` format, which any runtime loads but which is not small), and
-a reader that decodes paths at run time. ``details.trellis_bits_per_weight`` in the run says
-what the weights would cost stored as paths (k + 16 per row and per input column + the
-rotations).
+``details.trellis_bits_per_weight`` in the run is what the weights cost as paths (k + 16 per
+row and per input column + the rotations); the size evaluator measures the same on the
+checkpoint. quantmill's reader (``TrellisLinear``) decodes the paths at every forward in
+torch: correct everywhere, not fast (no fused kernel).
 
 Measured (bench/trellis_experiment.py, the same algorithm, H100): SmolLM2-135M at 3.05 bits per
 weight 28.55 perplexity (GPTQ 3-bit g128: 33.72), mixed precision at 3.5 bits 27.21 (L=16) to
