@@ -46,6 +46,7 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     from quantmill.plugins.evaluators.perplexity import PerplexityEvaluator
     from quantmill.plugins.formats.gptq import write_gptq_checkpoint
     from quantmill.plugins.formats.lut import LUTCheckpointSource, write_lut_checkpoint
+    from quantmill.plugins.formats.trellis import TrellisCheckpointSource, write_trellis_checkpoint
     from quantmill.plugins.manager import get_plugin_manager
     from quantmill.plugins.models.modules import quantizable_linears
     from quantmill.plugins.models.sources import GGUFSource, GPTQCheckpointSource
@@ -74,13 +75,16 @@ def run_one(settings: dict, gguf: Path, calib: Path, windows: int, workdir: Path
     devices = {w.intweight.device.type for w in result.weights.values()
                if hasattr(w, "intweight")}
     out = workdir / "checkpoint"
-    # codebook weights (clustering) go to the look-up-table layout, uniform ones to GPTQ's
-    codebook = quantizer.weight_kind == "codebook"
-    (write_lut_checkpoint if codebook else write_gptq_checkpoint)(loaded, result, out)
+    # codebook weights (clustering) go to the look-up-table layout, trellis paths to the
+    # trellis layout, uniform ones to GPTQ's
+    writer, reader = {"codebook": (write_lut_checkpoint, LUTCheckpointSource),
+                      "trellis": (write_trellis_checkpoint, TrellisCheckpointSource),
+                      }.get(quantizer.weight_kind, (write_gptq_checkpoint, GPTQCheckpointSource))
+    writer(loaded, result, out)
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     del loaded, result
     torch.cuda.empty_cache()
-    reread = (LUTCheckpointSource() if codebook else GPTQCheckpointSource()).load(out, cuda)
+    reread = reader().load(out, cuda)
     if reread.tokenizer is None:
         reread.tokenizer = source.load_tokenizer(gguf)
     ppl = PerplexityEvaluator.from_options(
