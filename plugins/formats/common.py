@@ -8,6 +8,7 @@ find the tokenizer). Written once, a fix reaches all three.
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,13 @@ class OwnLayoutSource(ModelSource):
     #: the layout's name in messages ("lut", "trellis")
     layout: str
 
+    @abc.abstractmethod
     def read_config(self, path: Path) -> Any:
-        raise NotImplementedError
+        """The layout's checked quantization_config (raises QuantmillError otherwise)."""
 
+    @abc.abstractmethod
     def load_checked(self, path: Path, device: torch.device) -> LoadedModel:
-        raise NotImplementedError
+        """Load a directory ``check`` has accepted."""
 
     def check(self, path: Path) -> None:
         if not path.is_dir():
