@@ -32,6 +32,7 @@ Layout, format version 1. A Hugging Face model directory (the ``dequantized`` la
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +193,9 @@ def write_trellis_checkpoint(loaded: LoadedModel, result: QuantizationResult,
     bits: dict[str, int] = {}
     for name, weight in result.weights.items():
         module = check_module(loaded.model, name, weight)
-        bias = module_bias(module, weight)
         try:
-            packed = TrellisLinear.from_trellis(weight if bias is None or weight.bias is not None
-                                                else _with_bias(weight, bias))
+            packed = TrellisLinear.from_trellis(replace(weight,
+                                                        bias=module_bias(module, weight)))
         except ValueError as exc:
             raise QuantmillError(f"cannot store module '{name}': {exc}") from exc
         for suffix, buf in packed.state_dict().items():
@@ -214,12 +214,6 @@ def write_trellis_checkpoint(loaded: LoadedModel, result: QuantizationResult,
     summary = save_hf_layout(loaded, tensors, config, out_dir)
     return {"format": "trellis", "quantized_modules": len(bits), "bits": bits,
             "quantization_config": quant_config, **summary}
-
-
-def _with_bias(weight: TrellisWeight, bias: torch.Tensor) -> TrellisWeight:
-    from dataclasses import replace
-
-    return replace(weight, bias=bias)
 
 
 # --------------------------------------------------------------------------------------------
