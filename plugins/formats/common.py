@@ -9,6 +9,7 @@ find the tokenizer). Written once, a fix reaches all three.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,20 @@ from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def swap_quantized_module(model: torch.nn.Module, name: str,
+                          build: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    """Replace the model's module ``name`` by ``build(module)`` (a reader's quantized linear),
+    refusing a checkpoint that names a module the model lacks; returns the new module."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise QuantmillError(f"checkpoint quantizes '{name}', which the model lacks") from None
+    new = build(module)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new
 
 
 def assign_checkpoint_tensors(

@@ -56,7 +56,11 @@ from quantmill.plugins.base import (
     weight_kind,
 )
 from quantmill.plugins.errors import QuantmillError
-from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
+from quantmill.plugins.formats.common import (
+    assign_checkpoint_tensors,
+    directory_tokenizer,
+    swap_quantized_module,
+)
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
     CONFIG_NAME,
@@ -323,13 +327,8 @@ def load_compressed_tensors_checkpoint(
                                  "checkpoint has no int8 weight_scale for it")
     keep_dtype: set[str] = set()
     for name in quantized:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise QuantmillError(f"checkpoint quantizes '{name}', which the model lacks") from None
-        new = _int8_module(name, module, tensors)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swap_quantized_module(
+            model, name, lambda module, name=name: _int8_module(name, module, tensors))
         keep_dtype.update(f"{name}.{suffix}" for suffix in QUANTIZED_SUFFIXES)
 
     assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)

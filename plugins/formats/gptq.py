@@ -42,7 +42,11 @@ from quantmill.plugins.base import (
     QuantizedWeight,
 )
 from quantmill.plugins.errors import QuantmillError
-from quantmill.plugins.formats.common import assign_checkpoint_tensors, directory_tokenizer
+from quantmill.plugins.formats.common import (
+    assign_checkpoint_tensors,
+    directory_tokenizer,
+    swap_quantized_module,
+)
 from quantmill.plugins.formats.packing import packed_length
 from quantmill.plugins.hadamard import BLOCK_SUFFIX, SIGNS_SUFFIX, InputRotation
 from quantmill.plugins.hookspecs import hookimpl
@@ -642,13 +646,8 @@ def load_gptq_checkpoint(
     quantized = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
     keep_dtype: set[str] = set()
     for name in quantized:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise QuantmillError(f"checkpoint quantizes '{name}', which the model lacks") from None
-        new = _build_gptq_linear(name, module, tensors, quant_config, zero_offset)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swap_quantized_module(model, name, lambda module, name=name: _build_gptq_linear(
+            name, module, tensors, quant_config, zero_offset))
         keep_dtype.update(f"{name}.{suffix}" for suffix in QUANTIZED_SUFFIXES)
 
     # Old AutoGPTQ files carry per-layer rotary tables that today's models recompute.

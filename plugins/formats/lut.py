@@ -51,6 +51,7 @@ from quantmill.plugins.formats.common import (
     OwnLayoutSource,
     assign_checkpoint_tensors,
     directory_tokenizer,
+    swap_quantized_module,
 )
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
@@ -221,13 +222,8 @@ def load_lut_checkpoint(path: Path, device: torch.device | str = torch.device("c
 
     keep_dtype: set[str] = set()
     for name in sorted(k.removesuffix(".qindices") for k in tensors if k.endswith(".qindices")):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise QuantmillError(f"checkpoint quantizes '{name}', which the model lacks") from None
-        new = _build_lut_linear(name, module, tensors, quant_config)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swap_quantized_module(model, name, lambda module, name=name: _build_lut_linear(
+            name, module, tensors, quant_config))
         keep_dtype.update(f"{name}.{suffix}" for suffix in LUT_SUFFIXES)
     assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)
     tokenizer = directory_tokenizer(path)

@@ -45,6 +45,7 @@ from quantmill.plugins.formats.common import (
     OwnLayoutSource,
     assign_checkpoint_tensors,
     directory_tokenizer,
+    swap_quantized_module,
 )
 from quantmill.plugins.formats.dequantized import check_module, module_bias, save_hf_layout
 from quantmill.plugins.formats.gptq import (
@@ -296,13 +297,8 @@ def load_trellis_checkpoint(path: Path, device: torch.device | str = torch.devic
     keep_dtype: set[str] = set()
     for name in sorted(k.removesuffix(".trellis_paths") for k in tensors
                        if k.endswith(".trellis_paths")):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise QuantmillError(f"checkpoint quantizes '{name}', which the model lacks") from None
-        new = _build(name, module, tensors, qcfg)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        new = swap_quantized_module(
+            model, name, lambda module, name=name: _build(name, module, tensors, qcfg))
         keep_dtype.update(f"{name}.{suffix}" for suffix in TRELLIS_SUFFIXES)
         built.append(new)
     assign_checkpoint_tensors(model, tensors, keep_dtype, dtype, path, device)

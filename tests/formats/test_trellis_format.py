@@ -116,3 +116,17 @@ def _plain_dir(tmp_path: Path) -> Path:
     (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (path / "model.safetensors").write_bytes(b"")
     return path
+
+
+def test_readers_swap_modules_by_name_and_refuse_unknown_ones() -> None:
+    from quantmill.plugins.formats.common import swap_quantized_module
+
+    model = torch.nn.Sequential()
+    model.add_module("block", torch.nn.Sequential())
+    model.block.add_module("proj", torch.nn.Linear(4, 2))
+    seen = []
+    new = swap_quantized_module(model, "block.proj",
+                                lambda module: seen.append(module) or torch.nn.Identity())
+    assert isinstance(seen[0], torch.nn.Linear) and model.block.proj is new
+    with pytest.raises(QuantmillError, match="quantizes 'block.gone', which the model lacks"):
+        swap_quantized_module(model, "block.gone", lambda module: module)
