@@ -37,16 +37,17 @@ def _consistent(tr: Trellis, path: torch.Tensor) -> bool:
     return bool((((prev << tr.k) & mask) == (cur & ~(tr.fanin - 1) & mask)).all())
 
 
-def _brute_force_free(tr: Trellis, x: torch.Tensor) -> float:
-    """Least error over every path with a free first state (all of them enumerated)."""
+def _brute_force_free(tr: Trellis, x: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    """Least (weighted) error over every path with a free first state (all enumerated)."""
     best = float("inf")
     mask = (1 << tr.L) - 1
+    w = torch.ones_like(x) if w is None else w
     for first in range(1 << tr.L):
         for bits in itertools.product(range(tr.fanin), repeat=x.numel() - 1):
             states = [first]
             for b in bits:
                 states.append(((states[-1] << tr.k) | b) & mask)
-            err = float(((x - tr.table[torch.tensor(states)]) ** 2).sum())
+            err = float((((x - tr.table[torch.tensor(states)]) ** 2) * w).sum())
             best = min(best, err)
     return best
 
@@ -69,11 +70,15 @@ def test_table_is_fp16_gaussian_quantiles_in_a_seeded_order() -> None:
     assert torch.equal(table.sort().values, expected.half().float())
 
 
+BACKENDS = ["torch", "cpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("L", "k", "steps"), [(4, 2, 3), (5, 2, 3), (4, 1, 5), (6, 3, 2)])
-def test_viterbi_finds_the_least_squares_path(L: int, k: int, steps: int) -> None:
+def test_viterbi_finds_the_least_squares_path(L: int, k: int, steps: int, backend: str) -> None:
     tr = make_trellis(L, k, seed=1)
     x = torch.randn(6, steps, generator=torch.Generator().manual_seed(L * 10 + k))
-    paths = viterbi(tr, x)
+    paths = viterbi(tr, x, backend=backend)
     assert _consistent(tr, paths)
     errors = _path_error(tr, x, paths)
     for row in range(x.shape[0]):
@@ -81,15 +86,48 @@ def test_viterbi_finds_the_least_squares_path(L: int, k: int, steps: int) -> Non
                                                    abs=1e-6)
 
 
-def test_weighted_viterbi_minimises_the_weighted_error() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_viterbi_minimises_the_weighted_error(backend: str) -> None:
     tr = make_trellis(4, 2, seed=0)
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))
     weights = [4.0, 0.25, 1.0]
-    paths = viterbi(tr, x, weights)
+    paths = viterbi(tr, x, weights, backend=backend)
     w = torch.tensor(weights)
     got = ((x - reconstruct(tr, paths)) ** 2 * w).sum(dim=1)
-    plain = ((x - reconstruct(tr, viterbi(tr, x))) ** 2 * w).sum(dim=1)
+    plain = ((x - reconstruct(tr, viterbi(tr, x, backend=backend))) ** 2 * w).sum(dim=1)
+    assert bool((got < plain - 1e-6).any())  # the weights changed some choice
     assert bool((got <= plain + 1e-6).all())
+    for row in range(x.shape[0]):
+        best = _brute_force_free(tr, x[row], w)
+        assert float(got[row]) == pytest.approx(best, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(("L", "k"), [(8, 2), (10, 3), (9, 4), (12, 10)])
+def test_compiled_cpu_kernel_matches_the_torch_path(L: int, k: int) -> None:
+    """Equally good paths, free and with a forced overlap, weighted or not; the same paths but
+    for near-ties (float32 rounding differs slightly: torch may fuse a multiply-add)."""
+    tr = make_trellis(L, k, seed=2)
+    gen = torch.Generator().manual_seed(L + k)
+    x = torch.randn(37, 32, generator=gen) * 1.3
+    weights = (torch.rand(32, generator=gen) + 0.5).tolist()
+    overlap = torch.randint(0, tr.prefixes, (37,), generator=gen)
+    for w, ov in [(None, None), (weights, None), (None, overlap), (weights, overlap)]:
+        fast = viterbi(tr, x, w, ov, backend="cpu")
+        slow = viterbi(tr, x, w, ov, backend="torch")
+        assert _consistent(tr, fast)
+        scale = torch.ones(32) if w is None else torch.tensor(w)
+        fast_err = (((x - reconstruct(tr, fast)) ** 2) * scale).sum(dim=1)
+        slow_err = (((x - reconstruct(tr, slow)) ** 2) * scale).sum(dim=1)
+        torch.testing.assert_close(fast_err, slow_err, rtol=1e-5, atol=1e-5)
+        assert float((fast == slow).all(dim=1).float().mean()) >= 0.75
+        if ov is not None:
+            assert torch.equal(fast[:, -1] & (tr.prefixes - 1), ov)
+            assert torch.equal(fast[:, 0] >> tr.k, (fast[:, -1] & (tr.prefixes - 1)))
+
+
+def test_viterbi_refuses_an_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="unknown viterbi backend 'gpu'"):
+        viterbi(make_trellis(4, 2), torch.zeros(2, 3), backend="gpu")
 
 
 def test_tail_biting_paths_decode_from_their_stored_bits_alone() -> None:

@@ -32,12 +32,18 @@ passes) about 2.3e11 at L = 10, 9.3e11 at L = 12 and 1.5e13 at L = 16.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from quantmill.plugins.formats.packing import pack_cols, unpack_cols
+
+log = logging.getLogger(__name__)
 
 #: Largest state width (2^L table entries and costs per sequence).
 MAX_STATE_BITS = 16
@@ -130,32 +136,74 @@ def _viterbi_chunk(tr: Trellis, x: torch.Tensor, weights: list[float] | None,
 
 
 def viterbi(tr: Trellis, x: torch.Tensor, weights: list[float] | None = None,
-            overlap: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Least-squares state paths [B, T] for ``x`` [B, T] (``sum_t w_t (x_t - table[s_t])^2``),
-    in chunks of sequences holding at most ``chunk_elems`` cost entries (the back-pointers take
-    2 * T / 2^k times as many bytes)."""
+            overlap: torch.Tensor | None = None, chunk_elems: int = 1 << 24,
+            backend: str = "auto") -> torch.Tensor:
+    """Least-squares state paths [B, T] for ``x`` [B, T] (``sum_t w_t (x_t - table[s_t])^2``).
+
+    ``backend``: ``"torch"`` runs whole-array steps on ``x``'s device, in chunks of sequences
+    holding at most ``chunk_elems`` cost entries (the back-pointers take 2 * T / 2^k times as
+    many bytes); ``"cpu"`` the compiled CPU kernel (``viterbi_cpu.py``, several times faster);
+    ``"auto"`` the compiled kernel for CPU tensors when numba is installed, else torch."""
     if x.dim() != 2:
         raise ValueError(f"viterbi expects [sequences, steps], got shape {tuple(x.shape)}")
-    rows = max(1, chunk_elems >> tr.L)
+    if backend not in ("auto", "torch", "cpu"):
+        raise ValueError(f"unknown viterbi backend '{backend}' (auto, torch or cpu)")
     x = x.to(torch.float32)
+    if backend == "cpu" or (backend == "auto" and x.device.type == "cpu"
+                            and _cpu_kernel() is not None):
+        return _viterbi_cpu(tr, x, weights, overlap)
+    rows = max(1, chunk_elems >> tr.L)
     parts = [_viterbi_chunk(tr, x[r : r + rows], weights,
                             None if overlap is None else overlap[r : r + rows])
              for r in range(0, x.shape[0], rows)]
     return torch.cat(parts) if parts else torch.empty(0, x.shape[1], dtype=torch.int64)
 
 
+@functools.cache
+def _cpu_kernel() -> Callable[..., None] | None:
+    """The compiled kernel, or None without numba (then the torch path runs, slower)."""
+    try:
+        from quantmill.plugins.quantizers.trellis.viterbi_cpu import viterbi_paths
+    except ImportError as exc:  # numba is a dependency; a broken install still works, slowly
+        log.warning("numba unavailable (%s): trellis Viterbi runs in eager torch on the CPU", exc)
+        return None
+    return viterbi_paths
+
+
+def _viterbi_cpu(tr: Trellis, x: torch.Tensor, weights: list[float] | None,
+                 overlap: torch.Tensor | None) -> torch.Tensor:
+    kernel = _cpu_kernel()
+    if kernel is None:
+        raise RuntimeError("the compiled CPU Viterbi kernel needs numba (pip install numba)")
+    import numba
+
+    rows, steps = x.shape
+    xs = x.detach().cpu().contiguous().numpy()
+    w = np.ones(steps, np.float32) if weights is None else np.asarray(weights, np.float32)
+    ov = (np.full(rows, -1, np.int64) if overlap is None
+          else overlap.detach().cpu().to(torch.int64).contiguous().numpy())
+    out = np.empty((rows, steps), np.int64)
+    if rows:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(),
+                                         numba.config.NUMBA_NUM_THREADS)))
+        kernel(xs, w, tr.table.detach().cpu().to(torch.float32).contiguous().numpy(),
+               tr.L, tr.k, ov, out)
+    return torch.from_numpy(out).to(x.device)
+
+
 def encode(tr: Trellis, x: torch.Tensor, weights: list[float] | None = None,
-           chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Tail-biting state paths [B, T] for ``x`` [B, T] (QTIP's two-pass approximation)."""
+           chunk_elems: int = 1 << 24, backend: str = "auto") -> torch.Tensor:
+    """Tail-biting state paths [B, T] for ``x`` [B, T] (QTIP's two-pass approximation;
+    ``backend`` as for ``viterbi``)."""
     steps = x.shape[1]
     if not can_tailbite(tr, steps):
         raise ValueError(f"a tail-biting sequence of {steps} steps at k={tr.k} holds "
                          f"{steps * tr.k} bits, fewer than the state's L={tr.L}")
     half = steps // 2
     rolled_w = None if weights is None else weights[half:] + weights[:half]
-    rolled = viterbi(tr, torch.roll(x, -half, dims=1), rolled_w, None, chunk_elems)
+    rolled = viterbi(tr, torch.roll(x, -half, dims=1), rolled_w, None, chunk_elems, backend)
     overlap = rolled[:, steps - 1 - half] & (tr.prefixes - 1)  # original step T-1's low bits
-    return viterbi(tr, x, weights, overlap, chunk_elems)
+    return viterbi(tr, x, weights, overlap, chunk_elems, backend)
 
 
 def symbols(tr: Trellis, states: torch.Tensor) -> torch.Tensor:
