@@ -126,7 +126,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from gptq_bench import calibration_file, demo_gguf  # noqa: E402
 from rotation_experiment import perplexity, rotate  # noqa: E402
 
-from quantmill.plugins.quantizers.clustering.calibration import _stage_hessian  # noqa: E402
+from quantmill.plugins.quantizers.blockwise import stage_hessian  # noqa: E402
 from quantmill.plugins.quantizers.trellis import code  # noqa: E402
 from quantmill.plugins.quantizers.trellis.algorithm import (  # noqa: E402
     column_scales,
@@ -467,7 +467,7 @@ def quantize_model(model: torch.nn.Module, plan: dict[str, ModulePlan], input_id
             names = [n for n in stage if f"{prefix}.{i}.{n}" in plan]
             if not names:
                 continue
-            hessian = _stage_hessian(block, mods[stage[0]], hidden, kwargs, hidden[0].device)
+            hessian = stage_hessian(block, mods[stage[0]], hidden, kwargs, hidden[0].device)
             groups: dict[ModulePlan, list[str]] = {}
             for n in names:
                 groups.setdefault(plan[f"{prefix}.{i}.{n}"], []).append(n)

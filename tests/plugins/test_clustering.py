@@ -281,11 +281,11 @@ class _BufferReusingBlock(torch.nn.Module):
 
 
 def test_stages_follow_tensor_identity_not_reused_memory() -> None:
-    from quantmill.plugins.quantizers.clustering.calibration import _stages
+    from quantmill.plugins.quantizers.blockwise import find_stages
 
     block = _BufferReusingBlock()
     planned = {"a": block.a, "b": block.b, "c": block.c}
-    assert _stages(block, planned, torch.randn(2, 3, 8), {}, "block") == [["a", "b"], ["c"]]
+    assert find_stages(block, planned, torch.randn(2, 3, 8), {}, "block") == [["a", "b"], ["c"]]
 
 
 def test_clustering_does_not_depend_on_what_ran_before(tiny_llama) -> None:

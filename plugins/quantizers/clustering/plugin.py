@@ -57,6 +57,7 @@ from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models.modules import DEFAULT_SKIP, loaded_linears
 from quantmill.plugins.progress import progress_bar
+from quantmill.plugins.quantizers.blockwise import quantize_blockwise
 from quantmill.plugins.quantizers.clustering.algorithm import (
     CODEBOOK_BITS,
     cluster_weight,
@@ -64,10 +65,7 @@ from quantmill.plugins.quantizers.clustering.algorithm import (
     hessian_error,
     weighted_error,
 )
-from quantmill.plugins.quantizers.clustering.calibration import (
-    input_second_moments,
-    quantize_blockwise,
-)
+from quantmill.plugins.quantizers.clustering.calibration import input_second_moments
 from quantmill.plugins.quantizers.gptq.algorithm import prepare_hessian
 
 

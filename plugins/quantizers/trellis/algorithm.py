@@ -103,11 +103,11 @@ class TrellisWeight:
         """The stored weight (rotated basis), [out_features, in_features]."""
         rows, cols = self.out_features, self.in_features
         tr = self.trellis.to(self.packed.device)
-        out = torch.empty(rows, cols, device=self.packed.device)
-        for b, c0 in enumerate(range(0, cols, self.tile_width)):
-            c1 = min(c0 + self.tile_width, cols)
-            states = decode_states(tr, unpack_symbols(tr, self.packed[b], self.T))
-            out[:, c0:c1] = from_sequences(reconstruct(tr, states), rows, c1 - c0)
+        blocks, seqs, words = self.packed.shape
+        # every column block's paths at once: [blocks * seqs, T] -> [blocks, padded rows, width]
+        states = decode_states(tr, unpack_symbols(tr, self.packed.reshape(-1, words), self.T))
+        values = reconstruct(tr, states).reshape(blocks, -1, self.tile_width)[:, :rows]
+        out = values.permute(1, 0, 2).reshape(rows, cols)
         scaled = out * self.col_scales.to(out.device)[None, :]
         return (scaled * self.row_scales.to(out.device)[:, None]).to(dtype)
 

@@ -46,7 +46,7 @@ from quantmill.plugins.hadamard import InputRotation, rotation_site
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.modules import DEFAULT_SKIP
-from quantmill.plugins.quantizers.clustering.calibration import quantize_blockwise
+from quantmill.plugins.quantizers.blockwise import quantize_blockwise
 from quantmill.plugins.quantizers.gptq.algorithm import prepare_hessian
 from quantmill.plugins.quantizers.trellis.algorithm import (
     TrellisSettings,
