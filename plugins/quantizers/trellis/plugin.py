@@ -6,8 +6,8 @@ Sample recipe section::
     quantization:
       method: trellis
       bits: 3              # k, 2..8 (bits per weight in the paths, plus the scales)
-      state_bits: 12       # L: 2^L table entries; 16 is QTIP's (best, GPU-sized work), 10-12
-                           # run on a CPU in minutes for a 135M model
+      state_bits: 12       # L: 2^L table entries, Viterbi work ~ 2^L; 16 is QTIP's (best,
+                           # GPU-sized work); 12 codes a 135M model in ~20 min on 2 CPU cores
       sequence_length: 64  # T weights per tail-biting path (T*k a multiple of 32)
       tile_width: 8        # input columns per error-feedback block (a path: T / 8 rows of 8)
       rotation_seed: 0     # the randomized Hadamard input rotations (always on: the code
@@ -21,9 +21,10 @@ row and per input column + the rotations); the size evaluator measures the same 
 checkpoint. quantmill's reader (``TrellisLinear``) decodes the paths at every forward in
 torch: correct everywhere, not fast (no fused kernel).
 
-Measured (bench/trellis_experiment.py, the same algorithm, H100): SmolLM2-135M at 3.05 bits per
-weight 28.55 perplexity (GPTQ 3-bit g128: 33.72), mixed precision at 3.5 bits 27.21 (L=16) to
-27.36 (L=10), below uniform 4-bit GPTQ's 27.59.
+Measured on SmolLM2-135M: this plugin, mixed precision at 3.5 bits per weight, state_bits 12,
+the quantmill-trellis checkpoint on 2 CPU cores: 27.15 perplexity, below uniform 4-bit GPTQ's
+27.59 at 4.21 bits (bench/results/trellis-product-cpu.json). The experiment it came from
+(bench/trellis_experiment.py, H100): 3.05 bits per weight 28.55 (GPTQ 3-bit g128: 33.72).
 """
 
 from __future__ import annotations
