@@ -125,6 +125,21 @@ def test_compiled_cpu_kernel_matches_the_torch_path(L: int, k: int) -> None:
             assert torch.equal(fast[:, 0] >> tr.k, (fast[:, -1] & (tr.prefixes - 1)))
 
 
+def test_auto_backend_runs_the_compiled_kernel_on_cpu_tensors(monkeypatch) -> None:
+    """The quantizer calls ``encode`` with the default backend: on the CPU that must be the
+    compiled kernel (the torch path is several times slower), never the torch steps."""
+    from quantmill.plugins.quantizers.trellis import code
+
+    def torch_path(*_args, **_kwargs):
+        raise AssertionError("the eager torch path ran on a CPU tensor")
+
+    monkeypatch.setattr(code, "_viterbi_chunk", torch_path)
+    tr = make_trellis(8, 2, seed=0)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    paths = encode(tr, x)
+    assert torch.equal(decode_states(tr, symbols(tr, paths)), paths)
+
+
 def test_viterbi_refuses_an_unknown_backend() -> None:
     with pytest.raises(ValueError, match="unknown viterbi backend 'gpu'"):
         viterbi(make_trellis(4, 2), torch.zeros(2, 3), backend="gpu")
