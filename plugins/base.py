@@ -425,15 +425,49 @@ class Exporter(Plugin):
 
 
 class StorageBackend(Plugin):
-    """Content-addressed storage for files and directory trees (two required methods: a store
-    that cannot give its objects back is of no use to an auditor)."""
+    """Content-addressed storage for files and directory trees.
 
+    An artifact's sha256 is ``plugins.hashing``'s hash of its file or tree whichever backend
+    holds it, so the registry, lineage and ``verify`` do not care where the bytes are. Four
+    required methods: store, read back (hash-checked), re-hash at the source for an audit, and
+    publish a plain copy for runtimes that know nothing of quantmill.
+    """
+
+    #: the URI scheme of the locations this backend writes and reads (``file``, ``s3``)
     scheme: ClassVar[str]
 
     @abc.abstractmethod
     def put_tree(self, path: Path) -> StoredObject:
-        """Store a file or a directory tree; idempotent for identical content."""
+        """Store a file or a directory tree; idempotent for identical content. Returns only
+        once every byte is confirmed stored, so the result may be registered."""
 
     @abc.abstractmethod
     def fetch(self, uri: str, verify: bool = True) -> Path:
         """A local path holding the object's content, hash-checked when ``verify``."""
+
+    @abc.abstractmethod
+    def rehash(self, uri: str) -> tuple[str, int]:
+        """``(sha256, size)`` of the content stored at ``uri``, read from the store itself (not
+        a cache); raises ``FileNotFoundError`` (or a subclass) when it is gone."""
+
+    @abc.abstractmethod
+    def publish(self, path: Path, destination: str) -> StoredObject:
+        """Write ``path`` as plain files at ``destination`` (a readable place, not the
+        content-addressed layout) and return where and what was written."""
+
+    def location_details(self) -> dict[str, Any]:
+        """Facts (never secrets) another machine needs to read this backend's URIs, recorded
+        with every location (e.g. an S3 endpoint)."""
+        return {"backend": self.name}
+
+    @classmethod
+    def options_from_url(cls, url: str) -> dict[str, Any]:
+        """Recipe options equivalent to ``QUANTMILL_STORAGE_URL=url``."""
+        raise ValueError(f"storage backend '{cls.name}' cannot be configured from a URL")
+
+    @classmethod
+    def for_location(cls, uri: str, details: dict[str, Any],
+                     like: StorageBackend | None = None) -> StorageBackend:
+        """A backend able to read ``uri``, from the ``details`` recorded with the location and
+        the settings of ``like`` (the job's own backend) where they apply."""
+        return like if isinstance(like, cls) else cls()

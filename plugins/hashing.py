@@ -29,9 +29,27 @@ def tree_manifest(root: Path) -> list[tuple[str, str, int]]:
     return entries
 
 
+def manifest_text(entries: list[tuple[str, str, int]]) -> str:
+    """The manifest whose sha256 is the tree's hash. Storage backends that keep a tree as one
+    object per file store exactly this text as the tree's own object, so the object that lists
+    a tree's files is content-addressed by the tree hash itself."""
+    return "".join(f"{sha} {size} {rel}\n" for rel, sha, size in sorted(entries))
+
+
+def parse_manifest(text: str) -> list[tuple[str, str, int]]:
+    """``manifest_text`` read back: ``(relative path, sha256, size)`` per line (raises
+    ``ValueError`` on a malformed line)."""
+    entries = []
+    for line in text.splitlines():
+        sha, size, rel = line.split(" ", 2)
+        if len(sha) != 64 or not rel or rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"malformed manifest line: {line[:120]!r}")
+        entries.append((rel, sha, int(size)))
+    return entries
+
+
 def manifest_sha256(entries: list[tuple[str, str, int]]) -> str:
-    text = "".join(f"{sha} {size} {rel}\n" for rel, sha, size in sorted(entries))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(manifest_text(entries).encode()).hexdigest()
 
 
 def sha256_path(path: Path) -> tuple[str, int]:

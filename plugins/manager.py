@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quantmill.plugins.formats.trellis",
     "quantmill.plugins.formats.dequantized",
     "quantmill.storage.local",
+    "quantmill.storage.s3",
 )
 
 

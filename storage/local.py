@@ -22,6 +22,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from quantmill.plugins.base import PluginConfig, StorageBackend, StoredObject
@@ -29,10 +30,7 @@ from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.plugins.home import quantmill_home
 from quantmill.plugins.hookspecs import hookimpl
-
-
-class StorageIntegrityError(QuantmillError):
-    """Stored bytes no longer match the hash they were stored under."""
+from quantmill.storage.errors import StorageError, StorageIntegrityError, StorageObjectMissing
 
 
 class LocalStorageConfig(PluginConfig):
@@ -93,12 +91,9 @@ class LocalStorage(StorageBackend):
             aside.unlink()
 
     def fetch(self, uri: str, verify: bool = True) -> Path:
-        parsed = urlparse(uri)
-        if parsed.scheme != self.scheme:
-            raise QuantmillError(f"local storage cannot read '{uri}' (expected a file:// URI)")
-        path = Path(unquote(parsed.path))
+        path = _local_path(uri)
         if not path.exists():
-            raise QuantmillError(f"stored object is missing: {path}")
+            raise StorageObjectMissing(f"stored object is missing: {path}")
         if verify:
             actual, _ = sha256_path(path)
             if actual != path.name:
@@ -106,6 +101,50 @@ class LocalStorage(StorageBackend):
                     f"stored object {path} was modified: sha256 is now {actual}"
                 )
         return path
+
+    def rehash(self, uri: str) -> tuple[str, int]:
+        path = _local_path(uri)
+        if not path.exists():
+            raise StorageObjectMissing(f"stored content missing: {path}")
+        return sha256_path(path)
+
+    def publish(self, path: Path, destination: str) -> StoredObject:
+        """Copy ``path`` to the directory ``destination`` (a path or file:// URI), all at once:
+        it is assembled beside the destination and renamed into place. Identical content
+        already there is left alone; other content is refused, never mixed or replaced."""
+        target = _local_path(destination) if destination.startswith("file:") \
+            else Path(destination).expanduser()
+        sha, size = sha256_path(path)
+        if target.exists():
+            if target.is_dir() and sha256_path(target)[0] == sha:
+                return StoredObject(uri=target.resolve().as_uri(), sha256=sha, size_bytes=size)
+            raise StorageError(f"cannot publish to {target}: it already exists with other "
+                               "content; choose a new directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.publishing-{uuid.uuid4().hex}"
+        try:
+            if path.is_dir():
+                shutil.copytree(path, staging)
+            else:
+                staging.mkdir()
+                shutil.copy2(path, staging / path.name)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return StoredObject(uri=target.resolve().as_uri(), sha256=sha, size_bytes=size)
+
+    @classmethod
+    def options_from_url(cls, url: str) -> dict[str, Any]:
+        return {"root": str(_local_path(url))}
+
+
+def _local_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise QuantmillError(f"local storage cannot read '{uri}' (expected a file:// URI)")
+    if parsed.netloc not in ("", "localhost"):
+        raise QuantmillError(f"a file URI on another host ({parsed.netloc}) cannot be read here")
+    return Path(unquote(parsed.path))
 
 
 @hookimpl

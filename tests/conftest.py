@@ -120,3 +120,61 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config(256)).eval()
+
+
+def _load_support(name: str):
+    """Load ``tests/support/<name>.py`` (tests are not a package: --import-mode=importlib)."""
+    import importlib.util
+    import sys
+
+    module_name = f"quantmill_test_support_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, REPO / "tests" / "support"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) on free loopback ports for the whole test session, with
+    one bucket; stopped at the end."""
+    seaweedfs = _load_support("seaweedfs")
+    server = seaweedfs.SeaweedS3(tmp_path_factory.mktemp("seaweedfs"),
+                                 buckets=("quantmill-tests",))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The server's credentials in the environment (boto3's standard chain), as a user sets
+    them; returns the server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    return s3_server
+
+
+@pytest.fixture()
+def s3_storage(s3_env, tmp_path: Path):
+    """``make(**options) -> S3Storage`` on the test server, under a prefix of its own and with
+    a cache of its own."""
+    import uuid
+
+    from quantmill.storage.cache import ContentCache
+    from quantmill.storage.s3 import S3Storage, S3StorageConfig
+
+    def make(cache_dir: Path | None = None, **options):
+        config = S3StorageConfig.model_validate({
+            "bucket": "quantmill-tests", "prefix": f"t-{uuid.uuid4().hex[:12]}",
+            "endpoint_url": s3_env.endpoint, "max_attempts": 2, "connect_timeout": 2,
+            **options})
+        return S3Storage(config, cache=ContentCache(cache_dir or tmp_path / "cache"))
+
+    return make

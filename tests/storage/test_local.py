@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from quantmill.plugins.hashing import sha256_path
-from quantmill.storage.local import LocalStorage, StorageIntegrityError
+from quantmill.storage.errors import StorageIntegrityError
+from quantmill.storage.local import LocalStorage
 
 
 def _tree(root: Path) -> Path:

@@ -1,0 +1,381 @@
+"""Moving one file to or from S3: parallel multipart uploads that resume, and parallel ranged
+downloads that hash as they go.
+
+Why not boto3's transfer manager for uploads: it cannot resume. A killed 10 GB upload would be
+sent again from its first byte, and the issue this serves asks that a rerun send only what is
+missing. So uploads are written against the S3 API directly, with the same design as the
+transfer manager (fixed-size parts sent by a thread pool over one thread-safe client) plus:
+
+- every part carries the checksum the ``checksum`` setting names (``x-amz-checksum-sha256`` by
+  default, or CRC32, or ``Content-MD5``), which the server verifies before it accepts the part;
+- an object whose key already exists with the right size and ``sha256`` metadata is not sent
+  (keys are content hashes, so a present key is the content);
+- an unfinished multipart upload of the same key, left by an attempt that could not abort it
+  (the process was killed or the server went away), is resumed: its listed parts are compared
+  with the local file's parts (ETag = MD5 of the part, or the part's SHA256 where the server
+  lists it) and only the missing or different parts are sent;
+- on failure the upload is aborted if the server can still be reached (if not, the next attempt
+  resumes it, and completing it leaves nothing behind);
+- the finished object is confirmed by a HEAD (size, sha256 metadata, and the server's own
+  full-object or composite checksum where it reports one) before the caller may record it.
+
+Downloads split the object into ranges fetched in parallel and written in place; a hashing
+thread follows the ranges in order, so the content is hashed while it arrives and never read
+twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantmill.storage.errors import StorageIntegrityError
+
+MIB = 1 << 20
+#: S3 allows at most 10,000 parts per upload and at least 5 MiB per part (but the last).
+MAX_PARTS = 10_000
+MIN_PART = 5 * MIB
+
+_CHECKSUM_FIELDS = {"sha256": "ChecksumSHA256", "crc32": "ChecksumCRC32"}
+_ALGORITHMS = {"sha256": "SHA256", "crc32": "CRC32"}
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How objects move: part size, parallelism and the checksum the server verifies."""
+
+    part_size: int = 16 * MIB
+    max_concurrency: int = 8
+    checksum: str = "sha256"
+
+    def part_size_for(self, size: int) -> int:
+        """The configured part size, grown (in MiB steps) until the file fits 10,000 parts."""
+        part = max(self.part_size, MIN_PART)
+        while -(-size // part) > MAX_PARTS:
+            part += MIB * max(1, part // (8 * MIB))
+        return part
+
+
+@dataclass
+class TransferStats:
+    """What a transfer actually sent or read, for reruns and benchmarks to show."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    objects_sent: int = 0
+    objects_skipped: int = 0
+    parts_sent: int = 0
+    parts_reused: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def part_checksum(data: bytes | memoryview, mode: str) -> dict[str, str]:
+    """The request fields that make the server verify ``data`` (empty for ``off``)."""
+    if mode == "sha256":
+        return {"ChecksumSHA256": _b64(hashlib.sha256(data).digest())}
+    if mode == "crc32":
+        return {"ChecksumCRC32": _b64(zlib.crc32(data).to_bytes(4, "big"))}
+    if mode == "md5":
+        return {"ContentMD5": _b64(hashlib.md5(data).digest())}
+    return {}
+
+
+def _read(fd: int, offset: int, length: int) -> bytes:
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            raise StorageIntegrityError("a file being uploaded became shorter while it was read")
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def object_matches(head: dict[str, Any], sha256: str, size: int) -> bool:
+    """A HEAD answer describes the content ``sha256`` of ``size`` bytes: right length, the
+    sha256 quantmill recorded at upload, and (for single-part objects stored with a SHA256
+    checksum) the server's own full-object checksum."""
+    if int(head.get("ContentLength", -1)) != size:
+        return False
+    if (head.get("Metadata") or {}).get("sha256") != sha256:
+        return False
+    server = head.get("ChecksumSHA256")
+    if server and "-" not in server and head.get("ChecksumType", "FULL_OBJECT") != "COMPOSITE":
+        return server == _b64(bytes.fromhex(sha256))
+    return True
+
+
+def upload_file(client: Any, bucket: str, key: str, path: Path, sha256: str, size: int,
+                settings: TransferSettings, stats: TransferStats,
+                on_bytes: Callable[[int], None] | None = None) -> None:
+    """Make ``s3://bucket/key`` hold ``path`` (content ``sha256``), confirmed by a HEAD.
+
+    Raises botocore's errors as they come (the caller turns them into one line).
+    """
+    existing = head_object(client, bucket, key)
+    if existing is not None and object_matches(existing, sha256, size):
+        stats.add(objects_skipped=1)
+        return
+    metadata = {"sha256": sha256}
+    if size <= settings.part_size:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StorageIntegrityError(f"{path} changed while it was being stored")
+        checksum = part_checksum(data, settings.checksum)
+        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata, **checksum,
+                          **_algorithm(settings.checksum))
+        stats.add(bytes_sent=size, objects_sent=1, parts_sent=1)
+        if on_bytes:
+            on_bytes(size)
+    else:
+        _multipart(client, bucket, key, path, size, metadata, settings, stats, on_bytes)
+    confirmed = head_object(client, bucket, key)
+    if confirmed is None or not object_matches(confirmed, sha256, size):
+        raise StorageIntegrityError(f"s3://{bucket}/{key} does not hold the content just "
+                                    "uploaded (size or sha256 differ)")
+
+
+def _algorithm(mode: str) -> dict[str, str]:
+    return {"ChecksumAlgorithm": _ALGORITHMS[mode]} if mode in _ALGORITHMS else {}
+
+
+def head_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's HEAD answer, or None when the key does not exist."""
+    from botocore.exceptions import ClientError
+
+    from quantmill.storage.s3_client import is_missing
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if is_missing(exc):
+            return None
+        raise
+
+
+def _multipart(client: Any, bucket: str, key: str, path: Path, size: int,
+               metadata: dict[str, str], settings: TransferSettings, stats: TransferStats,
+               on_bytes: Callable[[int], None] | None) -> None:
+    part_size = settings.part_size_for(size)
+    count = -(-size // part_size)
+    with path.open("rb") as handle:
+        fd = handle.fileno()
+        upload_id, done = _resumable(client, bucket, key, fd, size, part_size, settings, stats,
+                                     on_bytes)
+        if upload_id is None:
+            upload_id = client.create_multipart_upload(
+                Bucket=bucket, Key=key, Metadata=metadata, **_algorithm(settings.checksum)
+            )["UploadId"]
+        try:
+            todo = [n for n in range(1, count + 1) if n not in done]
+
+            def send(number: int) -> tuple[int, dict[str, str]]:
+                offset = (number - 1) * part_size
+                data = _read(fd, offset, min(part_size, size - offset))
+                checksum = part_checksum(data, settings.checksum)
+                answer = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                            PartNumber=number, Body=data, **checksum)
+                stats.add(bytes_sent=len(data), parts_sent=1)
+                if on_bytes:
+                    on_bytes(len(data))
+                entry = {"PartNumber": number, "ETag": answer["ETag"]}
+                field_name = _CHECKSUM_FIELDS.get(settings.checksum)
+                if field_name:
+                    entry[field_name] = checksum[field_name]
+                return number, entry
+
+            for number, entry in _parallel(send, todo, settings.max_concurrency):
+                done[number] = entry
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [done[n] for n in range(1, count + 1)]},
+            )
+        except BaseException:
+            _abort_quietly(client, bucket, key, upload_id)
+            raise
+    stats.add(objects_sent=1)
+
+
+def _parallel(func: Callable[[int], Any], items: list[int], workers: int) -> list[Any]:
+    """``func`` over ``items`` on a thread pool; the first failure cancels what has not
+    started and is raised."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        futures = [pool.submit(func, item) for item in items]
+        finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in finished:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        return [future.result() for future in futures]
+
+
+def _abort_quietly(client: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort an unfinished upload; if the server cannot be reached the next attempt resumes
+    the upload instead, so this must not hide the original error."""
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+        pass
+
+
+def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size: int,
+               settings: TransferSettings, stats: TransferStats,
+               on_bytes: Callable[[int], None] | None) -> tuple[str | None, dict[int, dict]]:
+    """An unfinished upload of ``key`` to continue and its parts that match the file; other
+    unfinished uploads of the key (leftovers of concurrent attempts) are aborted."""
+    uploads = [u for u in client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+               .get("Uploads", []) if u["Key"] == key]
+    uploads.sort(key=lambda u: u["Initiated"], reverse=True)
+    chosen: str | None = None
+    done: dict[int, dict] = {}
+    field_name = _CHECKSUM_FIELDS.get(settings.checksum)
+    for upload in uploads:
+        if chosen is not None:
+            _abort_quietly(client, bucket, key, upload["UploadId"])
+            continue
+        listed = _list_parts(client, bucket, key, upload["UploadId"])
+        for part in listed:
+            number, offset = part["PartNumber"], (part["PartNumber"] - 1) * part_size
+            expected = min(part_size, size - offset) if offset < size else -1
+            if int(part["Size"]) != expected:
+                continue
+            data = _read(fd, offset, expected)
+            if part.get("ChecksumSHA256"):
+                same = part["ChecksumSHA256"] == _b64(hashlib.sha256(data).digest())
+            else:
+                same = part["ETag"].strip('"') == hashlib.md5(data).hexdigest()
+            if same:
+                entry = {"PartNumber": number, "ETag": part["ETag"]}
+                if field_name:
+                    entry[field_name] = part_checksum(data, settings.checksum)[field_name]
+                done[number] = entry
+        if done:
+            chosen = upload["UploadId"]
+            stats.add(parts_reused=len(done))
+            if on_bytes:
+                on_bytes(sum(min(part_size, size - (n - 1) * part_size) for n in done))
+        else:
+            _abort_quietly(client, bucket, key, upload["UploadId"])
+    return chosen, done
+
+
+def _list_parts(client: Any, bucket: str, key: str, upload_id: str) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    marker = 0
+    while True:
+        page = client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id,
+                                 PartNumberMarker=marker)
+        parts.extend(page.get("Parts", []))
+        if not page.get("IsTruncated"):
+            return parts
+        marker = int(page["NextPartNumberMarker"])
+
+
+def download_file(client: Any, bucket: str, key: str, size: int, target: Path,
+                  settings: TransferSettings, stats: TransferStats,
+                  on_bytes: Callable[[int], None] | None = None) -> str:
+    """Write the object to ``target`` and return the sha256 of what arrived."""
+    part_size = max(settings.part_size, MIN_PART)
+    count = max(1, -(-size // part_size))
+    digest = hashlib.sha256()
+    arrived: dict[int, bytes] = {}
+    ready = threading.Condition()
+    failed: list[BaseException] = []
+
+    def hasher() -> None:
+        for number in range(count):
+            with ready:
+                while number not in arrived and not failed:
+                    ready.wait()
+                if failed:
+                    return
+                data = arrived.pop(number)
+            digest.update(data)
+
+    with target.open("wb") as handle:
+        fd = handle.fileno()
+        if size:
+            os.ftruncate(fd, size)
+
+        def fetch(number: int) -> None:
+            start = number * part_size
+            end = min(size, start + part_size) - 1
+            if size == 0:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            else:
+                body = client.get_object(Bucket=bucket, Key=key,
+                                         Range=f"bytes={start}-{end}")["Body"].read()
+            if len(body) != end - start + 1 and size:
+                raise StorageIntegrityError(f"s3://{bucket}/{key} changed during the download")
+            os.pwrite(fd, body, start)
+            stats.add(bytes_received=len(body))
+            if on_bytes:
+                on_bytes(len(body))
+            with ready:
+                arrived[number] = body
+                ready.notify_all()
+
+        thread = threading.Thread(target=hasher, daemon=True)
+        thread.start()
+        try:
+            _parallel_bounded(fetch, count, settings.max_concurrency, arrived, ready)
+        except BaseException as exc:
+            with ready:
+                failed.append(exc)
+                ready.notify_all()
+            raise
+        finally:
+            thread.join()
+    return digest.hexdigest()
+
+
+def _parallel_bounded(fetch: Callable[[int], None], count: int, workers: int,
+                      arrived: dict[int, bytes], ready: threading.Condition) -> None:
+    """Run ``fetch(0..count-1)`` in order of submission with at most ``workers`` at a time and
+    at most ``2 * workers`` ranges held in memory waiting for the hasher."""
+    with ThreadPoolExecutor(max_workers=min(workers, count)) as pool:
+        pending: set[Any] = set()
+        for number in range(count):
+            with ready:
+                while len(arrived) >= 2 * workers:
+                    ready.wait(timeout=1)
+            pending.add(pool.submit(fetch, number))
+            if len(pending) >= workers:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()  # type: ignore[misc]
+        for future in pending:
+            future.result()
+
+
+def stream_sha256(client: Any, bucket: str, key: str) -> tuple[str, int]:
+    """Hash an object as the server sends it, without writing it anywhere (``verify``)."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    digest, size = hashlib.sha256(), 0
+    for chunk in body.iter_chunks(chunk_size=MIB):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
