@@ -190,8 +190,19 @@ class RunOut(BaseModel):
     error: str | None
 
 
+class LocationOut(BaseModel):
+    """A place the artifact's bytes can be read; ``created_at`` is None for the artifact's
+    primary ``uri`` when no location record names it."""
+
+    uri: str
+    role: str
+    details: Document
+    created_at: datetime | None
+
+
 class ArtifactDetailOut(BaseModel):
     artifact: ArtifactOut
+    locations: list[LocationOut]
     metrics: list[MetricOut]
     corrections: list[CorrectionOut]
 

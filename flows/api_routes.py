@@ -153,10 +153,16 @@ def list_artifacts(
 
 @reader.get("/artifacts/{ref}", response_model=ArtifactDetailOut, responses=_NOT_FOUND)
 def get_artifact(registry: RegistryDep, _token: Reader, ref: Ref) -> dict[str, Any]:
-    """One artifact with its metrics and the corrections made to it."""
+    """One artifact with the places it is stored (primary first), its metrics and the
+    corrections made to it."""
     artifact = registry.get_artifact(parse_ref(ref))
     return {
         "artifact": artifact.to_json(),
+        "locations": [
+            {"uri": place.uri, "role": place.role, "details": place.details,
+             "created_at": place.created_at}
+            for place in registry.locations(artifact.id)
+        ],
         "metrics": [m.to_json() for m in registry.metrics_for_artifact(artifact.id)],
         "corrections": [c.to_json() for c in registry.corrections_for("artifact", artifact.id)],
     }

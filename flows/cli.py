@@ -24,10 +24,12 @@ artifacts_app = typer.Typer(help="Artifacts in the registry.", no_args_is_help=T
 plugins_app = typer.Typer(help="Installed plugins.", no_args_is_help=True)
 models_app = typer.Typer(help="Models.", no_args_is_help=True)
 registry_app = typer.Typer(help="The registry database.", no_args_is_help=True)
+storage_app = typer.Typer(help="Where artifacts are stored.", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(models_app, name="models")
 app.add_typer(registry_app, name="registry")
+app.add_typer(storage_app, name="storage")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -242,13 +244,15 @@ def artifacts_show(
     artifact: str = typer.Argument(..., help="Artifact id or sha256 prefix."),
     database_url: str | None = DatabaseOption,
 ) -> None:
-    """Show one artifact with its metrics, as JSON."""
+    """Show one artifact with every place it is stored and its metrics, as JSON."""
     from quantmill.registry import Registry
 
     with Registry.open(database_url) as reg:
         art = reg.get_artifact(_ref(artifact))
+        locations = reg.locations(art.id)
         metrics = reg.metrics_for_artifact(art.id)
     console.print_json(json.dumps({"artifact": art.to_json(),
+                                   "locations": [loc.to_json() for loc in locations],
                                    "metrics": [m.to_json() for m in metrics]}, default=str))
 
 
@@ -366,7 +370,11 @@ def registry_upgrade(database_url: str | None = DatabaseOption) -> None:
 
 # The registry's auditing and API commands live in their own modules; importing them registers
 # them on ``registry_app``.
-from quantmill.flows import cli_api, cli_registry  # noqa: E402,F401  (registration side effect)
+from quantmill.flows import (  # noqa: E402,F401  (registration side effect)
+    cli_api,
+    cli_registry,
+    cli_storage,
+)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

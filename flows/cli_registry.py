@@ -14,8 +14,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -30,6 +29,9 @@ from quantmill.flows.cli import (
     render_lineage,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    pass
 
 _HEAD_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -366,46 +368,6 @@ def registry_export(
 # --- verify --------------------------------------------------------------------------------
 
 
-class Rehasher:
-    """``rehash(uri) -> (sha256, size)`` of stored content for ``Registry.verify``.
-
-    ``file://`` URIs (plain files and the local storage backend's objects) are hashed in place
-    with the same tree hash storage uses; other schemes go through the storage backend that
-    declares the scheme. Missing content raises ``FileNotFoundError``, which verify reports as
-    missing rather than unreadable.
-    """
-
-    def __init__(self) -> None:
-        self._backends: dict[str, Any] | None = None
-
-    def __call__(self, uri: str) -> tuple[str, int]:
-        from quantmill.plugins.hashing import sha256_path
-
-        parsed = urlparse(uri)
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost"):
-                raise OSError(f"a file URI on another host ({parsed.netloc}) cannot be read here")
-            path = Path(unquote(parsed.path))
-            if not path.exists():
-                raise FileNotFoundError(f"no such file or directory: {path}")
-            return sha256_path(path)
-        backend = self._backend(parsed.scheme)
-        return sha256_path(backend.fetch(uri, verify=False))
-
-    def _backend(self, scheme: str) -> Any:
-        if self._backends is None:
-            from quantmill.plugins.catalog import Catalog
-            from quantmill.plugins.manager import get_plugin_manager
-
-            storage = Catalog(get_plugin_manager()).storage_backends
-            self._backends = {}
-            for cls in storage.classes():
-                self._backends.setdefault(cls.scheme, cls)
-        if scheme not in self._backends:
-            raise ValueError(f"no installed storage backend reads {scheme or 'scheme-less'} URIs")
-        return self._backends[scheme]()
-
-
 @registry_app.command("verify")
 @user_errors
 def registry_verify(
@@ -423,6 +385,8 @@ def registry_verify(
 
     if expect_head is not None and not _HEAD_RE.match(expect_head):
         raise InvalidQuery(f"--expect-head: {expect_head!r} is not a sha256 (64 hex characters)")
+    from quantmill.flows.artifacts import Rehasher
+
     with Registry.open(database_url) as reg:
         report = reg.verify(rehash=Rehasher() if files else None, expected_head=expect_head)
     if as_json:

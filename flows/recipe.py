@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,10 +74,13 @@ class EvaluationSection(_PluginSection):
 
 class ExportSection(_PluginSection):
     format: str = "gptq"
+    #: also write the checkpoint as a plain Hugging Face directory here (s3:// or a path)
+    publish: str | None = None
 
 
 class StorageSection(_PluginSection):
-    backend: str = "local"
+    #: None: ``$QUANTMILL_STORAGE_URL`` (e.g. ``s3://bucket/prefix``) if set, else ``local``
+    backend: str | None = None
 
 
 class Recipe(_Strict):
@@ -103,6 +106,35 @@ def _format_validation_error(where: str, exc: ValidationError) -> str:
     return f"invalid '{loc}': {message}"
 
 
+#: Keys that hold secrets. A recipe is recorded in the registry and shown in the Prefect UI, so
+#: it must never carry one: credentials come from boto3's standard chain.
+_SECRET_KEY_RE = re.compile(
+    r"secret|password|passwd|credential|session_token|access_key|api_key|(^|_)token$",
+    re.IGNORECASE)
+_SECRET_VALUE_RE = re.compile(r"://[^/\s:@]+:[^/\s@]+@|\b(AKIA|ASIA)[0-9A-Z]{16}\b|"
+                              r"X-Amz-(Credential|Signature|Security-Token)", re.IGNORECASE)
+
+
+def refuse_credentials(data: Any, where: str = "") -> None:
+    """Refuse a recipe carrying credentials, naming the key but never repeating the value."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and _SECRET_KEY_RE.search(key):
+                raise ConfigError(
+                    f"'{here}': credentials do not belong in a recipe (recipes are recorded in "
+                    "the registry and shown in Prefect); use boto3's standard chain: "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role")
+            refuse_credentials(value, here)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            refuse_credentials(value, f"{where}.{index}")
+    elif isinstance(data, str) and _SECRET_VALUE_RE.search(data):
+        raise ConfigError(f"'{where}' holds what looks like a credential (user:secret@ in a URL, "
+                          "an AWS access key id or presigned-URL parameters); credentials do "
+                          "not belong in a recipe: use boto3's standard chain")
+
+
 def expand_path(value: str, base_dir: Path) -> Path:
     """Expand ``$QUANTMILL_HOME`` (with its default), other ``$VARS`` and ``~``; anchor relative
     paths at ``base_dir``."""
@@ -115,6 +147,7 @@ def expand_path(value: str, base_dir: Path) -> Path:
 def parse_recipe(data: Any, base_dir: Path) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a mapping of sections (name, model, quantization...)")
+    refuse_credentials(data)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -175,6 +208,17 @@ class Job:
     exporter: base.Exporter
     storage: base.StorageBackend
     plugin_versions: dict[str, str]
+    #: inputs read from object storage: local (cached) path -> where it came from
+    remote_inputs: dict[str, RemoteInput] = field(default_factory=dict)
+    #: ``export.publish`` resolved: an s3:// URI or an absolute directory, or None
+    publish_to: str | None = None
+
+    def input_location(self, path: Path) -> tuple[str, dict[str, Any]]:
+        """The URI to register for an input file and the details to read it there again."""
+        remote = self.remote_inputs.get(str(path))
+        if remote is not None:
+            return remote.uri, dict(remote.details)
+        return path.as_uri(), {"backend": "local"}
 
     @property
     def recipe_sha256(self) -> str:
@@ -192,6 +236,83 @@ class Job:
 
     def quantizable(self, model: torch.nn.Module) -> list[str]:
         return quantizable_linears(model, self.quantizer.skip_patterns())
+
+
+@dataclass(frozen=True)
+class RemoteInput:
+    """An input a recipe names by ``s3://`` URI, fetched into the local cache."""
+
+    uri: str
+    details: dict[str, Any]
+
+
+class InputFetcher:
+    """Replaces ``s3://`` values of the input sections by local cached copies (hash-checked by
+    the backend), remembering where each came from so it is registered under its real URI."""
+
+    def __init__(self, catalog: Catalog, storage: base.StorageBackend) -> None:
+        self.catalog, self.storage = catalog, storage
+        self.fetched: dict[str, RemoteInput] = {}
+
+    def localize(self, value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {key: self.localize(item, f"{where}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.localize(item, f"{where}.{i}") for i, item in enumerate(value)]
+        if not isinstance(value, str) or value[:5].lower() != "s3://":
+            return value
+        backend = self._backend(value)
+        try:
+            path = backend.fetch(value)
+        except QuantmillError as exc:
+            raise QuantmillError(f"'{where}': {exc}") from None
+        self.fetched[str(path)] = RemoteInput(value, backend.location_details())
+        return str(path)
+
+    def _backend(self, uri: str) -> base.StorageBackend:
+        for cls in self.catalog.storage_backends.classes():
+            if cls.scheme == "s3":
+                return cls.for_location(uri, {}, like=self.storage)
+        raise ConfigError(f"no installed storage backend reads s3:// URIs ({uri})")
+
+
+def _storage_choice(section: StorageSection, catalog: Catalog) -> tuple[str, dict[str, Any]]:
+    """The backend and options the recipe's storage section means (or the environment's
+    ``QUANTMILL_STORAGE_URL`` when the recipe names no backend)."""
+    if section.backend is not None:
+        return section.backend, section.options
+    if section.options:
+        raise ConfigError("missing key 'storage.backend' (local or s3) beside "
+                          f"'{next(iter(section.options))}'")
+    url = os.environ.get("QUANTMILL_STORAGE_URL", "").strip()
+    if not url:
+        return "local", {}
+    refuse_credentials(url, "QUANTMILL_STORAGE_URL")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    for cls in catalog.storage_backends.classes():
+        if cls.scheme == scheme:
+            try:
+                return cls.name, cls.options_from_url(url)
+            except (ValueError, QuantmillError) as exc:
+                raise ConfigError(f"QUANTMILL_STORAGE_URL: {exc}") from None
+    raise ConfigError(f"QUANTMILL_STORAGE_URL={url!r}: no storage backend for "
+                      f"'{scheme or 'a plain path'}' (use s3://BUCKET/PREFIX or file:///DIR)")
+
+
+def _publish_target(value: str | None, base_dir: Path) -> str | None:
+    if value is None:
+        return None
+    if value[:5].lower() == "s3://":
+        from quantmill.storage.s3_location import parse_s3_uri
+
+        try:
+            parse_s3_uri(value)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid 'export.publish': {exc}") from None
+        return value if value.endswith("/") else value + "/"
+    if "://" in value:
+        raise ConfigError(f"invalid 'export.publish': {value!r} is neither s3:// nor a path")
+    return str(expand_path(value, base_dir))
 
 
 def _select_source(catalog: Catalog, section: ModelSection, path: Path) -> base.ModelSource:
@@ -212,14 +333,21 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
     base_dir = recipe_path.parent.resolve()
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device here")
-    model_path = expand_path(recipe.model.path, base_dir)
+    backend, storage_options = _storage_choice(recipe.storage, catalog)
+    storage = build_plugin(catalog.storage_backends, backend, storage_options, "storage",
+                           base_dir)
+    publish_to = _publish_target(recipe.export.publish, base_dir)
+    storage.check()
+    inputs = InputFetcher(catalog, storage)
+    model_path = expand_path(inputs.localize(recipe.model.path, "model.path"), base_dir)
     source = _select_source(catalog, recipe.model, model_path)
     source.check(model_path)
 
     calibration = None
     if recipe.calibration is not None:
         calibration = build_plugin(catalog.calibration_sources, recipe.calibration.source,
-                                   recipe.calibration.options, "calibration", base_dir)
+                                   inputs.localize(recipe.calibration.options, "calibration"),
+                                   "calibration", base_dir)
         calibration.check()
     q = recipe.quantization
     quantizer = build_plugin(catalog.quantizers, q.method, q.options, "quantization", base_dir)
@@ -233,7 +361,8 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         raise ConfigError(f"allocator '{q.allocator}' needs a 'calibration' section")
     evaluators = []
     for index, section in enumerate(recipe.evaluation):
-        evaluator = build_plugin(catalog.evaluators, section.evaluator, section.options,
+        evaluator = build_plugin(catalog.evaluators, section.evaluator,
+                                 inputs.localize(section.options, f"evaluation.{index}"),
                                  f"evaluation.{index}", base_dir)
         evaluator.check()
         evaluators.append(evaluator)
@@ -255,12 +384,11 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         if reason is not None:
             raise ConfigError(f"export format '{recipe.export.format}' cannot write what method "
                               f"'{q.method}' produces: {reason}")
-    storage = build_plugin(catalog.storage_backends, recipe.storage.backend,
-                           recipe.storage.options, "storage", base_dir)
     plugins = [source, calibration, quantizer, allocator, *evaluators, exporter, storage]
     versions = {f"{type(p).__module__}:{p.name}": type(p).version() for p in plugins if p}
     return Job(recipe, recipe_text, recipe_path.resolve(), model_path, source, calibration,
-               quantizer, allocator, evaluators, exporter, storage, versions)
+               quantizer, allocator, evaluators, exporter, storage, versions,
+               remote_inputs=inputs.fetched, publish_to=publish_to)
 
 
 def load_job(recipe_path: Path, catalog: Catalog) -> Job:

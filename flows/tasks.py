@@ -20,15 +20,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
+from quantmill.flows.artifacts import Backends, as_uri, fetch_artifact
 from quantmill.flows.recipe import Job, parse_recipe, resolve_job
 from quantmill.flows.runtime import software_versions
-from quantmill.plugins.base import CalibrationSet, EvaluationResult, LoadedModel
+from quantmill.plugins.base import CalibrationSet, EvaluationResult, LoadedModel, StoredObject
 from quantmill.plugins.catalog import Catalog
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.plugins.home import quantmill_home
 from quantmill.plugins.manager import get_plugin_manager
-from quantmill.registry import ArtifactNotFound, NewArtifact, NewMetric, Registry
+from quantmill.registry import ArtifactNotFound, NewArtifact, NewLocation, NewMetric, Registry
 
 CALIBRATION_FILE = "calibration.safetensors"
 
@@ -98,10 +99,12 @@ def register_inputs_step(ref: JobRef) -> dict[str, Any]:
     job = ref.job()
     with ref.registry() as reg:
         sha, size = sha256_path(job.model_path)
+        uri, details = job.input_location(job.model_path)
         model = reg.upsert_artifact(
-            kind="model", name=job.model_path.name, sha256=sha, size_bytes=size,
-            uri=job.model_path.as_uri(), format=job.model_source.name,
+            kind="model", name=_input_name(uri), sha256=sha, size_bytes=size,
+            uri=uri, format=job.model_source.name,
             metadata={"source": job.model_source.name},
+            locations=[NewLocation(uri, "stored", details)],
         )
         datasets: dict[str, int] = {}
         files = list(job.calibration.data_files()) if job.calibration else []
@@ -111,10 +114,17 @@ def register_inputs_step(ref: JobRef) -> dict[str, Any]:
             if str(path) in datasets:
                 continue
             dsha, dsize = sha256_path(path)
-            art = reg.upsert_artifact(kind="dataset", name=path.name, sha256=dsha,
-                                      size_bytes=dsize, uri=path.as_uri(), format="text")
+            uri, details = job.input_location(path)
+            art = reg.upsert_artifact(kind="dataset", name=_input_name(uri), sha256=dsha,
+                                      size_bytes=dsize, uri=uri, format="text",
+                                      locations=[NewLocation(uri, "stored", details)])
             datasets[str(path)] = art.id
     return {"base_model": model.id, "datasets": datasets}
+
+
+def _input_name(uri: str) -> str:
+    """The last path segment of an input's URI (a cached copy's own name is its hash)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _write_calibration_file(calib: CalibrationSet, directory: Path) -> Path:
@@ -129,14 +139,19 @@ def _write_calibration_file(calib: CalibrationSet, directory: Path) -> Path:
 
 
 def _intact_artifact(reg: Registry, job: Job, sha256: str) -> int | None:
-    """The id of a registered artifact with this content whose stored copy is still intact;
-    None when it is new, or its copy is gone or damaged (then it is stored again)."""
+    """The id of a registered artifact with this content that one of its locations still
+    holds intact; None when it is new, or every copy is gone or damaged (then it is stored
+    again)."""
     try:
         existing = reg.get_artifact(sha256)
-        job.storage.fetch(existing.uri, verify=True)
+        fetch_artifact(reg, existing, Backends(like=job.storage))
     except (ArtifactNotFound, QuantmillError):
         return None
     return existing.id
+
+
+def _stored_location(job: Job, stored: StoredObject, role: str = "stored") -> NewLocation:
+    return NewLocation(stored.uri, role, job.storage.location_details())
 
 
 def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
@@ -170,6 +185,7 @@ def calibrate_step(ref: JobRef, inputs: dict[str, Any]) -> int | None:
                 format="safetensors-token-ids", role="calibration_set",
                 metadata={**calib.description, "token_ids_sha256": calib.sha256,
                           "shape": list(calib.input_ids.shape)},
+                locations=(_stored_location(job, stored),),
             )], metrics=[])
         except BaseException as exc:
             reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
@@ -182,7 +198,7 @@ def load_calibration(ref: JobRef, job: Job, calibration_id: int | None) -> Calib
         return None
     with ref.registry() as reg:
         artifact = reg.get_artifact(calibration_id)
-    path = job.storage.fetch(artifact.uri, verify=True)
+        path = fetch_artifact(reg, artifact, Backends(like=job.storage)).path
     ids = load_file(str(path))["input_ids"]
     return CalibrationSet(input_ids=ids, description=dict(artifact.metadata or {}))
 
@@ -279,9 +295,24 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
 
 
 def upload_step(ref: JobRef, checkpoint_dir: str) -> dict[str, Any]:
+    """Store the checkpoint (and publish it, when the recipe asks); returns only once every
+    object is confirmed, so what it returns may be registered."""
     job = ref.job()
     stored = job.storage.put_tree(Path(checkpoint_dir))
-    return {"uri": stored.uri, "sha256": stored.sha256, "size_bytes": stored.size_bytes}
+    result: dict[str, Any] = {
+        "uri": stored.uri, "sha256": stored.sha256, "size_bytes": stored.size_bytes,
+        "details": job.storage.location_details(), "transfer": job.storage.transfer_report(),
+        "published": None,
+    }
+    if job.publish_to is not None:
+        target = as_uri(job.publish_to)
+        publisher = Backends(like=job.storage).for_location(target, {})
+        published = publisher.publish(Path(checkpoint_dir), target)
+        if published.sha256 != stored.sha256:
+            raise QuantmillError(f"the published copy at {published.uri} does not hash like "
+                                 "the stored checkpoint; nothing was registered")
+        result["published"] = {"uri": published.uri, "details": publisher.location_details()}
+    return result
 
 
 def register_step(
@@ -307,12 +338,18 @@ def register_step(
         if reg.get_run(run_id).status == "succeeded":  # a retry after a committed attempt
             return reg.get_artifact(stored["sha256"]).id
         base_sha256 = reg.get_artifact(base_id).sha256
+        locations = [NewLocation(stored["uri"], "stored", stored["details"])]
+        if stored.get("published"):
+            locations.append(NewLocation(stored["published"]["uri"], "published",
+                                         stored["published"]["details"]))
         reg.finish_run(run_id, outputs=[NewArtifact(
             kind="checkpoint", name=job.recipe.name, sha256=stored["sha256"],
             size_bytes=stored["size_bytes"], uri=stored["uri"], format=job.exporter.format_name,
             role="quantized_checkpoint",
             metadata=checkpoint_metadata(job, quantized, base_sha256),
-        )], metrics=metrics, details={"plan": quantized["plan"],
+            locations=tuple(locations),
+        )], metrics=metrics, details={"upload": stored.get("transfer", {}),
+                                      "plan": quantized["plan"],
                                       "plan_details": quantized.get("plan_details", {}),
                                       "quantize_seconds": quantized["quantize_seconds"],
                                       "plan_seconds": quantized.get("plan_seconds"),

@@ -455,6 +455,15 @@ class StorageBackend(Plugin):
         """Write ``path`` as plain files at ``destination`` (a readable place, not the
         content-addressed layout) and return where and what was written."""
 
+    def check(self) -> None:
+        """A cheap check that the store can be used (run when a recipe is validated, so an
+        unknown bucket or an unreachable server fails before any work)."""
+
+    def transfer_report(self) -> dict[str, Any]:
+        """What the last store or read moved (bytes sent, objects skipped...), recorded with
+        the run so a rerun's savings are visible; empty when the backend does not count."""
+        return {}
+
     def location_details(self) -> dict[str, Any]:
         """Facts (never secrets) another machine needs to read this backend's URIs, recorded
         with every location (e.g. an S3 endpoint)."""

@@ -5,10 +5,10 @@ taking the chain lock, reading the chain's tail, reading every new record back o
 chain it, and committing (an fsync). Registering tens of thousands of historical runs spends its
 time in those round trips. ``record_runs`` writes exactly the rows and ledger links those calls
 would (same tables, same canonical payloads, each run's records in the same order: the run, its
-input edges, its new output artifacts, output edges, metrics, completion), for a whole batch at
-once: one lock, multi-row inserts, one read-back per table, one commit. All of a batch is stored,
-or none of it. Live workers keep using the per-run calls: a run must be visible as ``running``
-while it runs.
+input edges, its new output artifacts each followed by its new locations, output edges, metrics,
+completion), for a whole batch at once: one lock, multi-row inserts, one read-back per table,
+one commit. All of a batch is stored, or none of it. Live workers keep using the per-run calls:
+a run must be visible as ``running`` while it runs.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from quantmill.registry.chain import entry_hash, payload_text, row_payload, sha256_text, tail
-from quantmill.registry.entities import NewArtifact, NewMetric, check_sha256
+from quantmill.registry.entities import NewArtifact, NewLocation, NewMetric, check_sha256
 from quantmill.registry.errors import ArtifactConflict, ArtifactNotFound, RegistryError
 from quantmill.registry.hashing import json_sha256
 from quantmill.registry.models import (
     CHAINED_TABLES,
+    ArtifactLocationRow,
     ArtifactRow,
     LedgerRow,
     MetricRow,
@@ -41,7 +42,8 @@ from quantmill.registry.store import Registry, _current_user
 
 #: Ids per ``IN (...)`` read-back (well under SQLite's bound-parameter limit).
 READ_CHUNK = 900
-#: Rows per multi-row ``INSERT ... ON CONFLICT`` of artifacts (9 parameters each).
+#: Rows per multi-row ``INSERT ... ON CONFLICT`` of artifacts (9 parameters each) or
+#: locations (6 each).
 UPSERT_CHUNK = 500
 
 
@@ -88,15 +90,18 @@ def _insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[
 class _Batch:
     """The rows of one ``record_runs`` call, resolved and inserted table by table."""
 
-    def __init__(self, session: Session, records: Sequence[RunRecord]) -> None:
+    def __init__(self, session: Session, records: Sequence[RunRecord], user: str) -> None:
         self.session = session
         self.records = records
+        self.user = user
         self.now = utcnow()
         #: sha256 -> (id, size_bytes) of every artifact this batch touches.
         self.artifacts: dict[str, tuple[int, int]] = {}
         self.known_ids: set[int] = set()
         #: sha256s this batch inserted (chained by the run that output them first).
         self.new_artifacts: set[str] = set()
+        #: (artifact id, uri) -> id of each location this batch inserted (chained likewise).
+        self.new_locations: dict[tuple[int, str], int] = {}
 
     def known_artifacts(self, shas: set[str], ids: set[int]) -> None:
         table = ArtifactRow.__table__
@@ -114,14 +119,10 @@ class _Batch:
             for output in record.outputs:
                 wanted.setdefault(output.sha256, output)
         missing = [new for sha, new in wanted.items() if sha not in self.artifacts]
-        dialect = self.session.get_bind().dialect.name
-        if dialect not in ("postgresql", "sqlite"):
-            raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
-        upsert = postgresql_insert if dialect == "postgresql" else sqlite_insert
         table = ArtifactRow.__table__
         for chunk in _chunks(missing, UPSERT_CHUNK):
             statement = (
-                upsert(table)
+                self._upsert(table)
                 .values([{"kind": new.kind, "name": new.name, "sha256": new.sha256,
                           "size_bytes": new.size_bytes, "uri": new.uri, "format": new.format,
                           "metadata": dict(new.metadata), "created_at": self.now}
@@ -139,6 +140,36 @@ class _Batch:
                 if size != output.size_bytes:
                     raise ArtifactConflict(f"sha256 {output.sha256} is registered with {size} "
                                            f"bytes, not {output.size_bytes}")
+        self.record_locations()
+
+    def _upsert(self, table: Table) -> Any:
+        """The dialect's ``INSERT`` that can skip conflicting rows."""
+        dialect = self.session.get_bind().dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+        return (postgresql_insert if dialect == "postgresql" else sqlite_insert)(table)
+
+    def record_locations(self) -> None:
+        """Insert every output's locations not recorded yet for its artifact (first one of a
+        place wins, as in ``Registry._record_location``); remember which were new."""
+        wanted: dict[tuple[int, str], NewLocation] = {}
+        for record in self.records:
+            for output in record.outputs:
+                artifact_id = self.artifacts[output.sha256][0]
+                for location in output.locations:
+                    wanted.setdefault((artifact_id, location.uri), location)
+        table = ArtifactLocationRow.__table__
+        for chunk in _chunks(list(wanted.items()), UPSERT_CHUNK):
+            statement = (
+                self._upsert(table)
+                .values([{"artifact_id": artifact_id, "uri": uri, "role": new.role,
+                          "details": dict(new.details), "created_by": self.user,
+                          "created_at": self.now} for (artifact_id, uri), new in chunk])
+                .on_conflict_do_nothing(index_elements=["artifact_id", "uri"])
+                .returning(table.c.id, table.c.artifact_id, table.c.uri)
+            )
+            for location_id, artifact_id, uri in self.session.execute(statement):
+                self.new_locations[(artifact_id, uri)] = location_id
 
     def resolve(self, ref: int | str, available: set[str]) -> int:
         """An artifact reference as an id; a sha256 must be available at this point."""
@@ -164,7 +195,8 @@ def record_runs(registry: Registry, records: Sequence[RunRecord]) -> list[int]:
 
 
 def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
-    batch = _Batch(session, records)
+    host, user = socket.gethostname(), _current_user()
+    batch = _Batch(session, records, user)
     refs = [ref for record in records for ref, _ in record.inputs]
     metric_refs = [ref for record in records for metric in record.metrics
                    for ref in (metric.artifact_id, metric.dataset_artifact_id) if ref is not None]
@@ -175,7 +207,6 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
     available = set(batch.artifacts)  # registered before the batch
     batch.upsert_outputs()
 
-    host, user = socket.gethostname(), _current_user()
     run_ids = _insert(session, RunRow.__table__, [
         {"job_id": r.job_id, "kind": r.kind, "name": r.name, "recipe": dict(r.recipe),
          "recipe_sha256": json_sha256(r.recipe), "plugins": dict(r.plugins),
@@ -187,6 +218,7 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
     metrics: list[dict[str, Any]] = []
     plan: list[list[tuple[str, Any]]] = []
     chained_artifacts: set[str] = set()
+    chained_locations: set[tuple[int, str]] = set()
     for record, run_id in zip(records, run_ids, strict=True):
         steps: list[tuple[str, Any]] = [("runs", run_id)]
         for artifact_id, role in dict.fromkeys(
@@ -196,11 +228,17 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
                           "role": role})
         outputs: dict[tuple[int, str], None] = {}
         for output in record.outputs:
+            artifact_id = batch.artifacts[output.sha256][0]
             if output.sha256 in batch.new_artifacts and output.sha256 not in chained_artifacts:
                 chained_artifacts.add(output.sha256)
-                steps.append(("artifacts", batch.artifacts[output.sha256][0]))
+                steps.append(("artifacts", artifact_id))
+            for location in output.locations:
+                place = (artifact_id, location.uri)
+                if place in batch.new_locations and place not in chained_locations:
+                    chained_locations.add(place)
+                    steps.append(("artifact_locations", batch.new_locations[place]))
             available.add(output.sha256)
-            outputs[(batch.artifacts[output.sha256][0], output.role)] = None
+            outputs[(artifact_id, output.role)] = None
         for artifact_id, role in outputs:
             steps.append(("run_edges", len(edges)))
             edges.append({"run_id": run_id, "artifact_id": artifact_id, "direction": "output",

@@ -5,12 +5,21 @@ entities, and it normalises what the two databases return differently (SQLite ha
 datetimes, PostgreSQL aware ones in the session's time zone): entities always carry UTC.
 """
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from sqlalchemy import Select, select
 
-from quantmill.registry.entities import Artifact, Correction, MetricRecord, Run, RunEdge
+from quantmill.registry.entities import (
+    Artifact,
+    ArtifactLocation,
+    Correction,
+    MetricRecord,
+    Run,
+    RunEdge,
+)
 from quantmill.registry.models import (
+    ArtifactLocationRow,
     ArtifactRow,
     CorrectionRow,
     MetricRow,
@@ -39,6 +48,33 @@ def artifact_entity(row: ArtifactRow) -> Artifact:
         metadata=dict(row.metadata_ or {}),
         created_at=as_utc(row.created_at),
     )
+
+
+def location_entity(row: ArtifactLocationRow) -> ArtifactLocation:
+    return ArtifactLocation(
+        id=row.id,
+        artifact_id=row.artifact_id,
+        uri=row.uri,
+        role=row.role,
+        details=dict(row.details or {}),
+        created_by=row.created_by,
+        created_at=as_utc(row.created_at),
+    )
+
+
+def artifact_locations(
+    artifact_id: int, primary_uri: str, rows: Iterable[ArtifactLocationRow]
+) -> list[ArtifactLocation]:
+    """Every place of one artifact: its primary ``uri`` first (the record naming it, else a
+    synthesized one, since artifacts registered without location records still live there),
+    then the other records in id order."""
+    ordered = sorted(rows, key=lambda row: row.id)
+    primary = next((row for row in ordered if row.uri == primary_uri), None)
+    first = location_entity(primary) if primary is not None else ArtifactLocation(
+        id=None, artifact_id=artifact_id, uri=primary_uri, role="stored", details={},
+        created_by=None, created_at=None,
+    )
+    return [first, *(location_entity(row) for row in ordered if row is not primary)]
 
 
 def run_entity(row: RunRow, completion: RunCompletionRow | None) -> Run:

@@ -11,8 +11,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+#: What a location is to its artifact: where the run ``stored`` it, a ``copy`` made later (a
+#: mirror, a cache, another bucket), or the ``published`` copy others should download.
+LOCATION_ROLES = ("stored", "copy", "published")
+#: Names that say "this is a secret": a location is chained into the append-only ledger, so a
+#: secret recorded there could never be removed again. Credentials come from the environment.
+_SECRET_NAME_RE = re.compile(
+    r"secret|password|passwd|token|credential|signature|private[_-]?key|access[_-]?key|^sig$",
+    re.IGNORECASE,
+)
 
 Direction = Literal["input", "output"]
 
@@ -72,6 +83,24 @@ class Run(_JsonMixin):
     started_at: datetime
     finished_at: datetime | None
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactLocation(_JsonMixin):
+    """One place where the bytes of ``artifact_id`` can be read.
+
+    ``details`` holds the non-secret facts a reader needs besides the URI (e.g. the S3
+    endpoint and region). The artifact's primary ``uri`` is always a location: when no record
+    names it, the store synthesizes one with ``id``, ``created_by`` and ``created_at`` None.
+    """
+
+    id: int | None
+    artifact_id: int
+    uri: str
+    role: str
+    details: dict[str, Any]
+    created_by: str | None
+    created_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +192,71 @@ def check_sha256(value: str) -> str:
     return lowered
 
 
+def _secret_names(value: Any, where: str) -> list[str]:
+    """Paths of the keys in a JSON-like document whose names look like secrets."""
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            path = f"{where}.{key}"
+            if _SECRET_NAME_RE.search(str(key)):
+                found.append(path)
+            found.extend(_secret_names(item, path))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found.extend(_secret_names(item, f"{where}[{index}]"))
+    return found
+
+
+def check_location_uri(uri: str) -> str:
+    """Refuse an empty URI, and one that carries credentials (a password in it, or a
+    pre-signed query): it would be kept in the ledger for good, and expire anyway."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"a location needs a non-empty uri, not {uri!r}")
+    parts = urlsplit(uri)
+    secret_params = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+                     if _SECRET_NAME_RE.search(name)]
+    if parts.password is not None or secret_params:
+        raise ValueError(
+            "a location uri must not carry credentials (a password or a signed query such as "
+            f"{', '.join(secret_params) or 'user:password@'}); record the plain object URI"
+        )
+    return uri
+
+
+@dataclass(frozen=True, slots=True)
+class NewLocation:
+    """A place to record for an artifact: ``uri``, its ``role`` (one of ``LOCATION_ROLES``) and
+    the non-secret ``details`` a reader needs, e.g. ``{"backend": "s3", "endpoint_url": ...,
+    "region": ...}``. Keys that look like secrets are refused (the record is permanent)."""
+
+    uri: str
+    role: str = "stored"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_location_uri(self.uri)
+        if self.role not in LOCATION_ROLES:
+            raise ValueError(
+                f"location role {self.role!r} is not one of {', '.join(LOCATION_ROLES)}"
+            )
+        if not isinstance(self.details, Mapping):
+            raise ValueError(f"location details must be a mapping, not {self.details!r}")
+        secrets = _secret_names(self.details, "details")
+        if secrets:
+            raise ValueError(
+                f"location {', '.join(secrets)} look(s) like a secret: details are kept in the "
+                "append-only ledger for good, so record credentials nowhere in the registry"
+            )
+        object.__setattr__(self, "details", dict(self.details))
+
+
 @dataclass(frozen=True, slots=True)
 class NewArtifact:
-    """An output artifact to register in ``Registry.finish_run``, with its role in the run."""
+    """An output artifact to register in ``Registry.finish_run``, with its role in the run.
+
+    ``locations`` are recorded with it, in the same transaction, whether the content is new or
+    already registered (a place recorded before for this artifact is skipped).
+    """
 
     kind: str
     name: str
@@ -175,11 +266,17 @@ class NewArtifact:
     format: str
     role: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    locations: tuple[NewLocation, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha256", check_sha256(self.sha256))
         if self.size_bytes < 0:
             raise ValueError(f"size_bytes must be >= 0, got {self.size_bytes}")
+        locations = tuple(self.locations)
+        for location in locations:
+            if not isinstance(location, NewLocation):
+                raise TypeError(f"locations must be NewLocation values, not {location!r}")
+        object.__setattr__(self, "locations", locations)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quantmill.registry.chain import entry_hash, sha256_text, tail
-from quantmill.registry.convert import correction_entity
-from quantmill.registry.entities import Correction, LineageGraph
+from quantmill.registry.convert import correction_entity, location_entity
+from quantmill.registry.entities import ArtifactLocation, Correction, LineageGraph
 from quantmill.registry.hashing import canonical_json
-from quantmill.registry.models import CorrectionRow, LedgerRow, RunCompletionRow, RunEdgeRow
+from quantmill.registry.models import (
+    ArtifactLocationRow,
+    CorrectionRow,
+    LedgerRow,
+    RunCompletionRow,
+    RunEdgeRow,
+)
 from quantmill.registry.store import Registry
 
 #: The namespace of every quantmill identifier and attribute in PROV documents.
@@ -34,6 +40,7 @@ LINEAGE_FORMAT = "quantmill-lineage/1"
 #: Fields of each exported record that must equal its chained copy (the ledger payload).
 _CHECKED_FIELDS = {
     "artifacts": ("kind", "name", "sha256", "size_bytes", "uri", "format", "metadata"),
+    "artifact_locations": ("artifact_id", "uri", "role", "details", "created_by"),
     "runs": ("job_id", "kind", "name", "recipe", "recipe_sha256", "plugins", "versions",
              "flow_run_id", "host", "started_by"),
     "metrics": ("run_id", "artifact_id", "evaluator", "dataset_artifact_id", "name", "value",
@@ -61,8 +68,20 @@ def _corrections(session: Session, graph: LineageGraph) -> list[Correction]:
     return sorted(found, key=lambda c: c.id)
 
 
+def _locations(session: Session, graph: LineageGraph) -> list[ArtifactLocation]:
+    """The recorded locations of the graph's artifacts, by id (each artifact's primary place
+    is its own ``uri``, exported with it)."""
+    if not graph.artifacts:
+        return []
+    query = select(ArtifactLocationRow).where(
+        ArtifactLocationRow.artifact_id.in_(list(graph.artifacts)))
+    rows = session.scalars(query.order_by(ArtifactLocationRow.id))
+    return [location_entity(row) for row in rows]
+
+
 def _record_ids(
-    session: Session, graph: LineageGraph, corrections: Iterable[Correction]
+    session: Session, graph: LineageGraph, corrections: Iterable[Correction],
+    locations: Iterable[ArtifactLocation],
 ) -> dict[str, list[int]]:
     """The ids, per chained table, of every database row the graph was built from."""
     wanted = {(e.run_id, e.artifact_id, e.direction, e.role) for e in graph.edges}
@@ -77,6 +96,7 @@ def _record_ids(
             RunCompletionRow.run_id.in_(list(graph.runs)))))
     return {
         "artifacts": sorted(graph.artifacts),
+        "artifact_locations": sorted(loc.id for loc in locations if loc.id is not None),
         "runs": sorted(graph.runs),
         "run_edges": sorted(edge_ids),
         "run_completions": sorted(completion_ids),
@@ -106,30 +126,37 @@ def _link_json(link: LedgerRow) -> dict[str, Any]:
     }
 
 
-def _read(registry: Registry, graph: LineageGraph) -> tuple[list[Correction], list[dict], tuple]:
-    """Corrections, ledger links and the chain's head, in one read transaction."""
+def _read(
+    registry: Registry, graph: LineageGraph
+) -> tuple[list[ArtifactLocation], list[Correction], list[dict], tuple]:
+    """Locations, corrections, ledger links and the chain's head, in one read transaction."""
     with registry._transaction() as session:
+        locations = _locations(session, graph)
         corrections = _corrections(session, graph)
         links = [_link_json(link) for link in _ledger_links(
-            session, _record_ids(session, graph, corrections))]
+            session, _record_ids(session, graph, corrections, locations))]
         head = tail(session)
-    return corrections, links, head
+    return locations, corrections, links, head
 
 
 # --- quantmill JSON ------------------------------------------------------------------------
 
 
 def lineage_json(registry: Registry, graph: LineageGraph) -> dict[str, Any]:
-    """``graph.to_json()`` plus the corrections of its records and their ledger links.
+    """``graph.to_json()`` plus the recorded locations of its artifacts, the corrections of its
+    records, and their ledger links.
 
-    ``ledger.records`` holds, for every row the graph shows (artifacts, runs, their edges and
-    completions, metrics, corrections), the chained copy and hashes; ``ledger.head_hash`` is
-    the chain's head at export time.
+    ``locations`` lists every recorded place of the graph's artifacts (``artifact_id`` says
+    whose; an artifact's primary place is its ``uri``). ``ledger.records`` holds, for every row
+    the export shows (artifacts, their locations, runs, their edges and completions, metrics,
+    corrections), the chained copy and hashes; ``ledger.head_hash`` is the chain's head at
+    export time.
     """
-    corrections, links, (entries, head_hash) = _read(registry, graph)
+    locations, corrections, links, (entries, head_hash) = _read(registry, graph)
     return {
         "format": LINEAGE_FORMAT,
         **graph.to_json(),
+        "locations": [location.to_json() for location in locations],
         "corrections": [c.to_json() for c in corrections],
         "ledger": {"entries": entries, "head_hash": head_hash, "records": links},
     }
@@ -166,14 +193,16 @@ def _check_record(record_type: str, record: dict[str, Any], copies: dict, proble
 def check_lineage_json(doc: dict[str, Any], registry: Registry | None = None) -> list[str]:
     """Problems found in an export from ``lineage_json`` (empty: it is consistent).
 
-    Offline: every link's hashes recompute, and every artifact, run, edge, run status, metric
-    and correction in the file equals its chained copy. With ``registry``: every link (by seq
-    and entry hash) and the exported head are still in that registry's chain.
+    Offline: every link's hashes recompute, and every artifact, location, run, edge, run
+    status, metric and correction in the file equals its chained copy. With ``registry``:
+    every link (by seq and entry hash) and the exported head are still in that registry's
+    chain.
     """
     problems: list[str] = []
     links = doc.get("ledger", {}).get("records", [])
     copies = _check_links(links, problems)
-    for record_type, key in (("artifacts", "artifacts"), ("runs", "runs"),
+    for record_type, key in (("artifacts", "artifacts"), ("artifact_locations", "locations"),
+                             ("runs", "runs"),
                              ("metrics", "metrics"), ("corrections", "corrections")):
         for record in doc.get(key, []):
             _check_record(record_type, record, copies, problems)
@@ -241,7 +270,7 @@ def lineage_prov(registry: Registry, graph: LineageGraph) -> dict[str, Any]:
     measurement ``wasRevisionOf`` the one it replaced. Every record carries its ledger entry
     hash (``quantmill:ledger_entry_hash``) to check it against the chain.
     """
-    corrections, links, _ = _read(registry, graph)
+    _, corrections, links, _ = _read(registry, graph)
     chained = {(link["record_type"], link["record_id"]): link["entry_hash"] for link in links}
     qm = QUANTMILL_NS
     doc = ProvDocument()

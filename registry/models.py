@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from quantmill.registry.entities import LOCATION_ROLES
+
 #: Deterministic constraint names: migrations can refer to them, and SQLite batch migrations can
 #: recreate them. Keep in step with the names written out in ``alembic/versions``.
 NAMING_CONVENTION = {
@@ -79,6 +81,30 @@ class ArtifactRow(Base):
     format: Mapped[str] = mapped_column(String(64))
     # ``metadata`` is reserved by declarative classes, hence the attribute name.
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ArtifactLocationRow(Base):
+    """One more place where an artifact's bytes live (a local file, an S3 copy, the published
+    copy), appended like every record: a moved or deleted copy is a new record, never an edit.
+
+    The artifact's own ``uri`` stays its primary location; these rows add to it. One row per
+    (artifact, uri): recording a known place again is a no-op.
+    """
+
+    __tablename__ = "artifact_locations"
+    __table_args__ = (
+        UniqueConstraint("artifact_id", "uri"),
+        CheckConstraint(_in_list("role", LOCATION_ROLES), name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    artifact_id: Mapped[int] = mapped_column(Integer, ForeignKey("artifacts.id"))
+    uri: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(32))
+    #: Non-secret facts a reader needs besides the URI (backend, endpoint, region, ...).
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -245,6 +271,7 @@ class LedgerRow(Base):
 #: The tables whose rows are chained and protected from UPDATE and DELETE, by record type.
 CHAINED_TABLES: dict[str, type[Base]] = {
     "artifacts": ArtifactRow,
+    "artifact_locations": ArtifactLocationRow,
     "runs": RunRow,
     "run_edges": RunEdgeRow,
     "run_completions": RunCompletionRow,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from sqlalchemy import Table
 
 from quantmill.registry.convert import run_entity
-from quantmill.registry.entities import NewArtifact, NewMetric, Run
+from quantmill.registry.entities import NewArtifact, NewLocation, NewMetric, Run
 from quantmill.registry.errors import RegistryError
 from quantmill.registry.models import (
     ArtifactRow,
@@ -179,7 +179,7 @@ class CompleteRun:
             for index, item in enumerate(_items(values.get("inputs", ()), "inputs"))
         )
         values["outputs"] = tuple(
-            _build(NewArtifact, item, f"outputs[{index}]")
+            _output(item, f"outputs[{index}]")
             for index, item in enumerate(_items(values.get("outputs", ()), "outputs"))
         )
         values["metrics"] = tuple(
@@ -261,6 +261,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise InvalidRun(f"{where}: {exc}") from None
 
 
+def _output(data: Any, where: str) -> NewArtifact:
+    """An output from plain data, its ``locations`` (plain data too) built and checked first."""
+    values = _fields_of(NewArtifact, data, where)
+    if "locations" in values:
+        values["locations"] = tuple(
+            _build(NewLocation, item, f"{where}.locations[{index}]")
+            for index, item in enumerate(_items(values["locations"], f"{where}.locations"))
+        )
+    return _build(NewArtifact, values, where)
+
+
 def _check_output(where: str, output: NewArtifact) -> None:
     artifacts = ArtifactRow.__table__
     for name in ("kind", "name", "format"):
@@ -269,6 +280,10 @@ def _check_output(where: str, output: NewArtifact) -> None:
     _text(f"{where}.role", output.role, RunEdgeRow.__table__, "role")
     _integer(f"{where}.size_bytes", output.size_bytes, 0, MAX_SIZE_BYTES)
     _document(f"{where}.metadata", output.metadata)
+    # (NewLocation already refused unknown roles and secret-looking details)
+    for index, location in enumerate(output.locations):
+        _text(f"{where}.locations[{index}].uri", location.uri, None, None)
+        _document(f"{where}.locations[{index}].details", location.details)
 
 
 def _check_metric(where: str, metric: NewMetric) -> None:
@@ -284,8 +299,9 @@ def _check_metric(where: str, metric: NewMetric) -> None:
 def record_run(registry: Registry, run: CompleteRun | Mapping[str, Any], started_by: str) -> Run:
     """Register a finished run with its inputs, outputs, metrics and end, in ONE transaction.
 
-    Inputs must already be registered (by id or sha256 prefix); outputs are upserted by sha256;
-    metrics may name an output of this very run by sha256. Any error stores nothing.
+    Inputs must already be registered (by id or sha256 prefix); outputs are upserted by sha256,
+    with their locations recorded as written by ``started_by``; metrics may name an output of
+    this very run by sha256. Any error stores nothing.
     """
     complete = run if isinstance(run, CompleteRun) else CompleteRun.from_dict(run)
     complete.check()
@@ -307,7 +323,9 @@ def record_run(registry: Registry, run: CompleteRun | Mapping[str, Any], started
             started_by=started_by,
             inputs=[(item.artifact, item.role) for item in complete.inputs],
         )
-        registry._record_results(session, chain, row, complete.outputs, complete.metrics)
+        registry._record_results(
+            session, chain, row, complete.outputs, complete.metrics, recorded_by=started_by
+        )
         done = registry._complete(
             session, chain, row, completion.status, completion.details, completion.error
         )

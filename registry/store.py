@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
-from sqlalchemy import Engine, exists, inspect, make_url, select
+from sqlalchemy import Engine, Table, exists, inspect, make_url, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
@@ -23,8 +23,10 @@ from quantmill.registry import lineage, migrate
 from quantmill.registry.chain import ChainWriter, tail
 from quantmill.registry.convert import (
     artifact_entity,
+    artifact_locations,
     correction_entity,
     edge_entity,
+    location_entity,
     metric_entity,
     run_entity,
     runs_query,
@@ -39,10 +41,12 @@ from quantmill.registry.db import (
 )
 from quantmill.registry.entities import (
     Artifact,
+    ArtifactLocation,
     Correction,
     LineageGraph,
     MetricRecord,
     NewArtifact,
+    NewLocation,
     NewMetric,
     Run,
     RunEdge,
@@ -61,6 +65,7 @@ from quantmill.registry.errors import (
 from quantmill.registry.hashing import json_sha256
 from quantmill.registry.models import (
     CORRECTION_TARGETS,
+    ArtifactLocationRow,
     ArtifactRow,
     Base,
     CorrectionRow,
@@ -92,6 +97,28 @@ def metric_superseded() -> Any:
     """SQL condition: a later correction replaced this ``MetricRow`` (read the newer one)."""
     later = aliased(MetricRow, name="later_metric")
     return exists(select(later.id).where(later.supersedes_id == MetricRow.id))
+
+
+def insert_ignoring_conflict(
+    session: Session, table: Table, values: dict[str, Any], index_elements: list[str]
+) -> int | None:
+    """``INSERT ... ON CONFLICT (index_elements) DO NOTHING RETURNING id``: the new id, or None
+    when the row was already there.
+
+    Race-safe without savepoints: two writers inserting the same key at once both succeed, and
+    only the one that inserted chains the row. RETURNING, not rowcount, says which (rowcount is
+    not reliable for ON CONFLICT across drivers).
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement = postgresql_insert(table)
+    elif dialect == "sqlite":
+        statement = sqlite_insert(table)
+    else:
+        raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+    # A Core insert on the table: JSON columns go by their column names (e.g. "metadata").
+    guarded = statement.values(**values).on_conflict_do_nothing(index_elements=index_elements)
+    return session.execute(guarded.returning(table.c.id)).scalar_one_or_none()
 
 
 def _current_user() -> str:
@@ -225,10 +252,12 @@ class Registry:
         uri: str,
         format: str,
         metadata: dict[str, Any] | None = None,
+        locations: Sequence[NewLocation] = (),
     ) -> Artifact:
         """Register content by its sha256, or return the artifact already registered with it.
 
         Content-addressed: the first registration's kind, name, uri and metadata win.
+        ``locations`` are recorded either way (places already recorded are skipped).
         """
         new = NewArtifact(
             kind=kind,
@@ -239,15 +268,19 @@ class Registry:
             format=format,
             role="",
             metadata=metadata or {},
+            locations=tuple(locations),
         )
         with self._write() as (session, chain):
-            return artifact_entity(self._upsert(session, chain, new))
+            return artifact_entity(self._upsert(session, chain, new, _current_user()))
 
-    def _upsert(self, session: Session, chain: ChainWriter, new: NewArtifact) -> ArtifactRow:
-        """Insert unless the sha256 exists, then read the row back.
+    def _upsert(
+        self, session: Session, chain: ChainWriter, new: NewArtifact, recorded_by: str
+    ) -> ArtifactRow:
+        """Insert unless the sha256 exists, then read the row back and record ``new``'s
+        locations (by ``recorded_by``) for it.
 
-        Race-safe without savepoints: ``INSERT ... ON CONFLICT (sha256) DO NOTHING`` lets two
-        writers register the same content at once, and both then select the one row.
+        Race-safe: two writers may register the same content at once, and both then select
+        the one row (``insert_ignoring_conflict``).
         """
         values = {
             "kind": new.kind,
@@ -259,23 +292,7 @@ class Registry:
             "metadata": dict(new.metadata),
             "created_at": utcnow(),
         }
-        dialect = session.get_bind().dialect.name
-        if dialect == "postgresql":
-            statement = postgresql_insert(ArtifactRow.__table__).on_conflict_do_nothing(
-                index_elements=["sha256"]
-            )
-        elif dialect == "sqlite":
-            statement = sqlite_insert(ArtifactRow.__table__).on_conflict_do_nothing(
-                index_elements=["sha256"]
-            )
-        else:
-            raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
-        # A Core insert on the table: the JSON column goes by its column name, "metadata".
-        # RETURNING gives the new id, or nothing when the content was already there (rowcount
-        # is not reliable for ON CONFLICT across drivers).
-        inserted = session.execute(
-            statement.values(**values).returning(ArtifactRow.__table__.c.id)
-        ).scalar_one_or_none()
+        inserted = insert_ignoring_conflict(session, ArtifactRow.__table__, values, ["sha256"])
         row = session.scalars(select(ArtifactRow).where(ArtifactRow.sha256 == new.sha256)).one()
         if inserted is not None:
             chain.append("artifacts", row.id)
@@ -284,7 +301,65 @@ class Registry:
                 f"sha256 {new.sha256} is registered with {row.size_bytes} bytes, "
                 f"not {new.size_bytes}"
             )
+        for location in new.locations:
+            self._record_location(session, chain, row.id, location, recorded_by)
         return row
+
+    @staticmethod
+    def _record_location(
+        session: Session,
+        chain: ChainWriter,
+        artifact_id: int,
+        new: NewLocation,
+        recorded_by: str,
+    ) -> ArtifactLocationRow:
+        """Append the location unless this (artifact, uri) is recorded already; the record
+        either way. The first record of a place wins, as the first registration of content."""
+        table = ArtifactLocationRow.__table__
+        values = {
+            "artifact_id": artifact_id,
+            "uri": new.uri,
+            "role": new.role,
+            "details": dict(new.details),
+            "created_by": recorded_by,
+            "created_at": utcnow(),
+        }
+        inserted = insert_ignoring_conflict(session, table, values, ["artifact_id", "uri"])
+        if inserted is not None:
+            chain.append("artifact_locations", inserted)
+        return session.scalars(
+            select(ArtifactLocationRow).where(
+                ArtifactLocationRow.artifact_id == artifact_id, ArtifactLocationRow.uri == new.uri
+            )
+        ).one()
+
+    def add_location(
+        self,
+        ref: int | str,
+        uri: str,
+        role: str = "copy",
+        details: dict[str, Any] | None = None,
+    ) -> ArtifactLocation:
+        """Record one more place where the artifact ``ref`` (id or sha256 prefix) is stored.
+
+        Idempotent: a place already recorded for the artifact returns its existing record
+        (with the role and details it was first recorded with).
+        """
+        new = NewLocation(uri=uri, role=role, details=details or {})
+        with self._write() as (session, chain):
+            artifact = self._artifact_row(session, ref)
+            row = self._record_location(session, chain, artifact.id, new, _current_user())
+            return location_entity(row)
+
+    def locations(self, ref: int | str) -> list[ArtifactLocation]:
+        """Every place the artifact ``ref`` is stored: its primary ``uri`` first (synthesized,
+        with ``id`` None, when no record names it), then the other records in id order."""
+        with self._transaction() as session:
+            artifact = self._artifact_row(session, ref)
+            rows = session.scalars(
+                select(ArtifactLocationRow).where(ArtifactLocationRow.artifact_id == artifact.id)
+            ).all()
+            return artifact_locations(artifact.id, artifact.uri, rows)
 
     def get_artifact(self, ref: int | str) -> Artifact:
         """The artifact with id ``ref`` (int), or whose sha256 is or starts with ``ref`` (str,
@@ -420,14 +495,15 @@ class Registry:
     ) -> Run:
         """Mark a running run ``succeeded`` with its outputs and metrics, in ONE transaction.
 
-        ``outputs`` are new artifacts (upserted by sha256) or ``(artifact_id, role)`` pairs;
-        ``metrics`` may name their artifact by sha256 (e.g. an output of this very call) or id.
+        ``outputs`` are new artifacts (upserted by sha256, their ``locations`` recorded with
+        them) or ``(artifact_id, role)`` pairs; ``metrics`` may name their artifact by sha256
+        (e.g. an output of this very call) or id.
         ``details`` keys are merged into the run's details. On any error nothing of this call
         is stored and the run stays ``running``: call ``fail_run`` then.
         """
         with self._write() as (session, chain):
             run = self._running_run(session, run_id)
-            self._record_results(session, chain, run, outputs, metrics)
+            self._record_results(session, chain, run, outputs, metrics, _current_user())
             completion = self._complete(session, chain, run, "succeeded", details or {}, None)
             return run_entity(run, completion)
 
@@ -438,13 +514,15 @@ class Registry:
         run: RunRow,
         outputs: Sequence[NewArtifact | tuple[int, str]],
         metrics: Sequence[NewMetric],
+        recorded_by: str,
     ) -> None:
-        """Insert a run's output artifacts and edges, then its metrics (which may name those
-        outputs by sha256); shared with ``quantmill.registry.remote``."""
+        """Insert a run's output artifacts (with their locations, recorded by ``recorded_by``)
+        and edges, then its metrics (which may name those outputs by sha256); shared with
+        ``quantmill.registry.remote``."""
         edges: dict[tuple[int, str], None] = {}
         for output in outputs:
             if isinstance(output, NewArtifact):
-                artifact = self._upsert(session, chain, output)
+                artifact = self._upsert(session, chain, output, recorded_by)
                 edges[(artifact.id, output.role)] = None
             else:
                 artifact_id, role = output
@@ -738,7 +816,7 @@ class Registry:
         self, rehash: Rehash | None = None, expected_head: str | None = None
     ) -> VerifyReport:
         """Recompute the chain, compare every record with its chained copy and, given
-        ``rehash``, every artifact's stored content with its registered hash."""
+        ``rehash``, the content at every location of every artifact with its registered hash."""
         with self._sessions.begin() as session:
             if session.get_bind().dialect.name == "postgresql":
                 # one snapshot for the whole check: a run committed mid-walk must not look like

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from quantmill.plugins.hashing import sha256_file, sha256_path
+from quantmill.plugins.hashing import manifest_sha256, sha256_file, sha256_path
 from quantmill.plugins.home import quantmill_home
 
 DEFAULT_MAX_GB = 50.0
@@ -119,17 +119,24 @@ class ContentCache:
 
     def add_tree(self, sha256: str, files: list[tuple[str, str]]) -> Path:
         """Assemble the tree ``sha256`` from cached blobs: ``files`` are (relative path, blob
-        sha256). The tree is checked against its hash before it is renamed into place."""
+        sha256). Each blob is checked (hashed, or known intact since it was) and the manifest
+        they make must hash to ``sha256`` before the tree is renamed into place, so no byte is
+        read twice."""
         target = self.tree_path(sha256)
         staging = self.temp_path("tree-")
         try:
+            entries = []
             for rel, blob in files:
+                source = self.blob_path(blob)
+                if not source.is_file() or not self._intact(source, blob):
+                    raise ValueError(f"cached blob {blob[:16]}... is missing or damaged")
                 dest = staging / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.link(self.blob_path(blob), dest)
+                os.link(source, dest)
+                entries.append((rel, blob, source.stat().st_size))
             if not files:
                 staging.mkdir(parents=True)
-            if sha256_path(staging)[0] != sha256:
+            if manifest_sha256(entries) != sha256:
                 raise ValueError(f"the files assembled for tree {sha256[:16]}... do not hash to it")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -164,11 +171,15 @@ class ContentCache:
         lock = self._lock_path(entry)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with _GUARD:
-            if str(lock) not in _PINS:
+            held = _PINS.get(str(lock))
+            if held is not None and not lock.exists():  # the cache was wiped under us
+                os.close(_PINS.pop(str(lock)))
+                held = None
+            if held is None:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 _PINS[str(lock)] = fd
-        os.utime(lock)  # last use, for least-recently-used eviction
+            os.utime(lock)  # last use, for least-recently-used eviction
 
     def _entries(self) -> list[Path]:
         blobs = [p for p in (self.root / "blobs").glob("*/*") if p.is_file()]

@@ -47,6 +47,7 @@ endpoint then comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, boto3's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -166,13 +167,20 @@ class S3Storage(StorageBackend):
                 endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile,
                 addressing_style=cfg.addressing_style, max_attempts=cfg.max_attempts,
                 connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                max_pool_connections=max(10, cfg.max_concurrency * 2 + FILE_CONCURRENCY),
+                # one large object's parts, or several small objects, move at a time
+                max_pool_connections=max(cfg.max_concurrency, FILE_CONCURRENCY) + 2,
             )
         return self._client
 
     @property
     def endpoint(self) -> str | None:
         return self.config.endpoint_url or getattr(self.client.meta, "endpoint_url", None)
+
+    def check(self) -> None:
+        self._check_bucket(self.config.bucket, f"s3://{self.config.bucket}/{self.config.prefix}")
+
+    def transfer_report(self) -> dict[str, Any]:
+        return self.stats.to_json()
 
     def location_details(self) -> dict[str, Any]:
         details = {"backend": self.name, "endpoint_url": self.config.endpoint_url,
@@ -222,9 +230,9 @@ class S3Storage(StorageBackend):
             if is_missing(exc) or exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                 raise StorageError(f"S3 bucket '{bucket}' does not exist at "
                                    f"{self.endpoint or 'the default AWS endpoint'}") from None
-            raise self._fail(exc, "reach", uri) from None
+            raise self._fail(exc, "use", uri) from None
         except BotoCoreError as exc:
-            raise self._fail(exc, "reach", uri) from None
+            raise self._fail(exc, "use", uri) from None
         self._checked_buckets.add(bucket)
 
     # --- writing -------------------------------------------------------------------------------
@@ -262,12 +270,13 @@ class S3Storage(StorageBackend):
         """Upload ``(path, key, sha256, size)`` items, small ones several at a time."""
         bucket, settings = bucket or self.config.bucket, self.settings
         total = sum(size for *_, size in files)
-        with progress_bar(description or "upload", total if description else None) as advance:
+        bar = progress_bar(description, total) if description else contextlib.nullcontext(None)
+        with bar as advance:
             def one(item: tuple[Path, str, str, int]) -> None:
                 file, key, sha, size = item
                 try:
                     upload_file(self.client, bucket, key, file, sha, size, settings, self.stats,
-                                on_bytes=advance if description else None)
+                                on_bytes=advance)
                 except Exception as exc:
                     raise self._fail(exc, "upload", f"s3://{bucket}/{key}") from None
 
@@ -339,11 +348,19 @@ class S3Storage(StorageBackend):
             if head is None:
                 raise StorageObjectMissing(f"stored object is missing: s3://{bucket}/{key}")
             size = int(head["ContentLength"])
+        from botocore.exceptions import ClientError
+
         target = self.cache.temp_path("blob-")
         try:
             with progress_bar(f"download {sha[:12]}", size) as advance:
-                actual = download_file(self.client, bucket, key, size, target, self.settings,
-                                       self.stats, on_bytes=advance)
+                try:
+                    actual = download_file(self.client, bucket, key, size, target,
+                                           self.settings, self.stats, on_bytes=advance)
+                except ClientError as exc:
+                    if is_missing(exc):  # name the object, not the tree that lists it
+                        raise StorageObjectMissing(
+                            f"stored object is missing: s3://{bucket}/{key}") from None
+                    raise
             if actual != sha:
                 raise StorageIntegrityError(f"stored object s3://{bucket}/{key} was modified: "
                                             f"its content now hashes to {actual}")
@@ -377,8 +394,13 @@ class S3Storage(StorageBackend):
             blob, size = item
             self._fetch_blob(bucket, f"{root}blobs/sha256/{blob[:2]}/{blob}", blob, size)
 
-        with ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as pool:
-            list(pool.map(one, unique.items()))
+        part = self.settings.part_size
+        for item in [i for i in unique.items() if i[1] > part]:  # parallel by range
+            one(item)
+        small = [i for i in unique.items() if i[1] <= part]
+        if small:
+            with ThreadPoolExecutor(max_workers=min(FILE_CONCURRENCY, len(small))) as pool:
+                list(pool.map(one, small))
         return self.cache.add_tree(sha, [(rel, blob) for rel, blob, _ in entries])
 
     def _listing(self, location: S3Location) -> dict[str, dict[str, Any]]:

@@ -76,6 +76,11 @@ class TransferStats:
     parts_reused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def to_json(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ("bytes_sent", "bytes_received",
+                                                       "objects_sent", "objects_skipped",
+                                                       "parts_sent", "parts_reused")}
+
     def add(self, **amounts: int) -> None:
         with self._lock:
             for name, amount in amounts.items():
@@ -260,11 +265,7 @@ def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size
             if int(part["Size"]) != expected:
                 continue
             data = _read(fd, offset, expected)
-            if part.get("ChecksumSHA256"):
-                same = part["ChecksumSHA256"] == _b64(hashlib.sha256(data).digest())
-            else:
-                same = part["ETag"].strip('"') == hashlib.md5(data).hexdigest()
-            if same:
+            if listed_part_matches(part, data):
                 entry = {"PartNumber": number, "ETag": part["ETag"]}
                 if field_name:
                     entry[field_name] = part_checksum(data, settings.checksum)[field_name]
@@ -277,6 +278,15 @@ def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size
         else:
             _abort_quietly(client, bucket, key, upload["UploadId"])
     return chosen, done
+
+
+def listed_part_matches(part: dict[str, Any], data: bytes) -> bool:
+    """A part of an unfinished upload holds ``data``: by the SHA256 the server lists with it
+    (AWS does for uploads made with checksums), else by its ETag, the part's MD5 on AWS and on
+    the S3-compatible servers tried (an ETag of any other form never matches)."""
+    if part.get("ChecksumSHA256"):
+        return part["ChecksumSHA256"] == _b64(hashlib.sha256(data).digest())
+    return str(part.get("ETag", "")).strip('"') == hashlib.md5(data).hexdigest()
 
 
 def _list_parts(client: Any, bucket: str, key: str, upload_id: str) -> list[dict[str, Any]]:

@@ -25,14 +25,21 @@ def demo_model() -> Path:
     return cached if cached.is_file() else fetch_demo_model()
 
 
-def test_demo_recipe_on_smollm2(quantmill_home: Path, demo_model: Path, tmp_path: Path) -> None:
-    recipe = yaml.safe_load((REPO / "examples" / "demo-smollm2-rtn-w4g128.yaml").read_text())
+def _example(name: str, quantmill_home: Path, demo_model: Path) -> dict:
+    """An example recipe with the demo model in this test's home, the repository's data
+    files and 8 evaluation windows."""
+    recipe = yaml.safe_load((REPO / "examples" / name).read_text())
     models = quantmill_home / "models"
     models.mkdir()
     shutil.copy(demo_model, models / demo_model.name)
     recipe["calibration"]["path"] = str(REPO / "data/wikitext-2/valid.txt")
     recipe["evaluation"][0]["dataset"] = str(REPO / "data/wikitext-2/test.txt")
     recipe["evaluation"][0]["max_windows"] = 8
+    return recipe
+
+
+def test_demo_recipe_on_smollm2(quantmill_home: Path, demo_model: Path, tmp_path: Path) -> None:
+    recipe = _example("demo-smollm2-rtn-w4g128.yaml", quantmill_home, demo_model)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
@@ -48,3 +55,49 @@ def test_demo_recipe_on_smollm2(quantmill_home: Path, demo_model: Path, tmp_path
     assert 4.1 < q["bits_per_weight"] < 4.3
     assert q["disk_bytes"] < 120e6
     assert "calibration_set" in result.stdout and "base_model" in result.stdout
+
+
+def test_demo_model_on_s3(quantmill_home: Path, demo_model: Path, tmp_path: Path,
+                          s3_env) -> None:
+    """The S3 example recipe on the real model against SeaweedFS: stored, published, listed,
+    verified from the bucket, and the published directory loads in transformers unaided."""
+    import json
+
+    import boto3
+    from botocore.config import Config
+
+    recipe = _example("smollm2-rtn-w4g128-s3.yaml", quantmill_home, demo_model)
+    recipe["storage"].update(bucket="quantmill-tests", prefix="demo-store",
+                             endpoint_url=s3_env.endpoint)
+    recipe["export"]["publish"] = "s3://quantmill-tests/demo-published/smollm2/"
+    path = tmp_path / "demo-s3.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--lineage", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, f"{result.stdout}\n{result.stderr}"
+    with Registry.open() as reg:
+        [ckpt] = reg.list_artifacts(kind="checkpoint")
+        q = {m.name: m.value for m in reg.metrics_for_artifact(ckpt.id)}
+        roles = [loc.role for loc in reg.locations(ckpt.id)]
+    assert ckpt.uri.startswith("s3://quantmill-tests/demo-store/trees/sha256/")
+    assert roles == ["stored", "published"] and 4.1 < q["bits_per_weight"] < 4.3
+    shown = runner.invoke(app, ["artifacts", "show", str(ckpt.id)])
+    assert [loc["uri"] for loc in json.loads(shown.stdout)["locations"]][1] == \
+        "s3://quantmill-tests/demo-published/smollm2/"
+    verified = runner.invoke(app, ["registry", "verify", "--files"])
+    assert verified.exit_code == 0 and "OK" in verified.stdout, verified.stdout
+
+    client = boto3.client("s3", endpoint_url=s3_env.endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    download = tmp_path / "published"
+    listing = client.list_objects_v2(Bucket="quantmill-tests", Prefix="demo-published/smollm2/")
+    for item in listing["Contents"]:
+        target = download / item["Key"].removeprefix("demo-published/smollm2/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("quantmill-tests", item["Key"], str(target))
+    config = json.loads((download / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4  # a GPTQ checkpoint, as runtimes read it
+    from quantmill.plugins.hashing import sha256_path
+
+    assert sha256_path(download)[0] == ckpt.sha256

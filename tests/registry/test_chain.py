@@ -11,7 +11,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
-from quantmill.registry import NewArtifact, NewMetric, Registry, RegistryError, RunStateError
+from quantmill.registry import (
+    ArtifactLocation,
+    NewArtifact,
+    NewMetric,
+    Registry,
+    RegistryError,
+    RunStateError,
+)
 from quantmill.registry import migrate as migrate_module
 from quantmill.registry.db import create_registry_engine
 
@@ -119,8 +126,8 @@ def test_verify_rehashes_stored_files(registry: Registry, tmp_path: Path) -> Non
     registry.upsert_artifact(kind="model", name="gone", sha256=_sha("gone"),
                              size_bytes=4, uri=(tmp_path / "gone").as_uri(), format="raw")
 
-    def rehash(uri: str) -> tuple[str, int]:
-        path = Path(uri.removeprefix("file://"))
+    def rehash(location: ArtifactLocation) -> tuple[str, int]:
+        path = Path(location.uri.removeprefix("file://"))
         data = path.read_bytes()
         return hashlib.sha256(data).hexdigest(), len(data)
 

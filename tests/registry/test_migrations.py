@@ -24,7 +24,7 @@ from quantmill.registry import migrate as migrate_module
 from quantmill.registry.db import create_registry_engine
 from quantmill.registry.models import Base
 
-REGISTRY_TABLES = {"artifacts", "runs", "run_edges", "metrics"}
+REGISTRY_TABLES = {"artifacts", "artifact_locations", "runs", "run_edges", "metrics"}
 
 
 def _tables(url: str) -> set[str]:
@@ -60,7 +60,7 @@ def test_scripts_are_found_and_have_one_head() -> None:
     location = Path(migrate_module.script_location())
     assert (location / "env.py").is_file()
     assert (location / "script.py.mako").is_file()
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
 
 
 def test_migration_scripts_do_not_import_live_models() -> None:

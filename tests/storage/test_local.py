@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.storage.errors import StorageIntegrityError
 from quantmill.storage.local import LocalStorage
@@ -80,3 +81,31 @@ def test_damaged_object_is_replaced_on_put(tmp_path: Path) -> None:
     again = store.put_tree(src)
     assert again == obj
     assert (store.fetch(obj.uri) / "a.txt").read_text() == "alpha"
+
+
+def test_publish_writes_a_plain_directory_at_once(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    src = _tree(tmp_path / "src")
+    target = tmp_path / "published" / "model"
+    published = store.publish(src, str(target))
+    assert published.uri == target.resolve().as_uri()
+    assert published.sha256 == sha256_path(src)[0] == sha256_path(target)[0]
+    assert (target / "sub" / "b.bin").read_bytes() == bytes(range(256))
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no staging left beside it
+    assert store.publish(src, target.as_uri()).sha256 == published.sha256  # identical: no-op
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.txt").write_text("different")
+    with pytest.raises(QuantmillError, match="already exists with other content"):
+        store.publish(tmp_path / "other", str(target))
+    assert (target / "a.txt").read_text() == "alpha"  # the published copy is untouched
+
+
+def test_rehash_reports_missing_content(tmp_path: Path) -> None:
+    store = LocalStorage.from_options({"root": tmp_path / "store"})
+    obj = store.put_tree(_tree(tmp_path / "src"))
+    assert store.rehash(obj.uri) == (obj.sha256, obj.size_bytes)
+    import shutil
+
+    shutil.rmtree(store.fetch(obj.uri))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        store.rehash(obj.uri)

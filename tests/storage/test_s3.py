@@ -293,3 +293,49 @@ def test_config_refuses_endpoint_with_credentials() -> None:
     with pytest.raises(Exception, match="without credentials"):
         S3StorageConfig(bucket="abc", endpoint_url="http://user:pw@127.0.0.1:1")
 
+
+
+def test_transient_outage_is_retried_with_backoff(s3_env, s3_storage, tmp_path: Path) -> None:
+    """The server is down when the upload starts and back a few seconds later: botocore's
+    standard retries (exponential backoff) carry the upload through."""
+    import threading
+
+    store = s3_storage(max_attempts=10, connect_timeout=1)
+    store.check()  # the bucket is known before the outage
+    file = tmp_path / "weights.bin"
+    file.write_bytes(os.urandom(7 * MIB))
+    s3_env.kill()
+    result: dict = {}
+
+    def upload() -> None:
+        try:
+            result["stored"] = store.put_tree(file)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=upload)
+    try:
+        worker.start()
+        time.sleep(1.5)
+    finally:
+        s3_env.start()
+    worker.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert store.rehash(result["stored"].uri) == sha256_path(file)
+
+
+def test_listed_parts_are_matched_by_checksum_or_etag() -> None:
+    """SeaweedFS lists parts with their MD5 ETag only; AWS also lists the SHA256 of parts
+    uploaded with checksums. Both decide whether a part is reused."""
+    import base64
+    import hashlib
+
+    from quantmill.storage.s3_transfer import listed_part_matches
+
+    data = b"part data" * 1000
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    md5 = hashlib.md5(data).hexdigest()
+    assert listed_part_matches({"ETag": f'"{md5}"'}, data)
+    assert not listed_part_matches({"ETag": f'"{md5}"'}, data + b"!")
+    assert listed_part_matches({"ETag": '"whatever-2"', "ChecksumSHA256": sha}, data)
+    assert not listed_part_matches({"ETag": f'"{md5}"', "ChecksumSHA256": sha}, b"other")
