@@ -166,6 +166,7 @@ def round_trip(server: Any, tree: Path, work: Path, part_mb: int, concurrency: i
                                          str(dest), Config=config)
                 times["boto3_download"].append(time.perf_counter() - started)
             shutil.rmtree(cache, ignore_errors=True)
+            _delete_prefix(client, prefix)  # every round starts from the same server state
     medians = {key: statistics.median(values) for key, values in times.items()}
     return {
         "bytes": size, "files": len(files_of(tree)), "repeats": repeats,
@@ -176,6 +177,13 @@ def round_trip(server: Any, tree: Path, work: Path, part_mb: int, concurrency: i
     }
 
 
+def _delete_prefix(client: Any, prefix: str) -> None:
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=BUCKET, Prefix=f"{prefix}/"):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=item["Key"])
+
+
 CHILD = """
 import sys, json
 from pathlib import Path
@@ -183,13 +191,18 @@ sys.path.insert(0, {bench!r})
 import s3_bench
 from quantmill.plugins.progress import use_sink
 
+import threading
+LOCK = threading.Lock()
+
 class Sink:
     sent = 0
     def start(self, description, total):
         return description
     def advance(self, handle, amount):
-        Sink.sent += amount
-        print(Sink.sent, flush=True)
+        with LOCK:
+            Sink.sent += amount
+            sys.stdout.write(f"{{Sink.sent}}\n")
+            sys.stdout.flush()
     def finish(self, handle):
         pass
 

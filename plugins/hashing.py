@@ -21,12 +21,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tree_files(root: Path) -> list[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every regular file under ``root``, in manifest order."""
+    return [(path.relative_to(root).as_posix(), path)
+            for path in sorted(p for p in root.rglob("*") if p.is_file())]
+
+
 def tree_manifest(root: Path) -> list[tuple[str, str, int]]:
     """``(relative path, sha256, size)`` for every regular file under ``root``, sorted."""
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        entries.append((path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size))
-    return entries
+    return [(rel, sha256_file(path), path.stat().st_size) for rel, path in tree_files(root)]
 
 
 def manifest_text(entries: list[tuple[str, str, int]]) -> str:

@@ -51,7 +51,8 @@ import contextlib
 import hashlib
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +65,7 @@ from quantmill.plugins.hashing import (
     manifest_text,
     parse_manifest,
     sha256_file,
+    tree_files,
     tree_manifest,
 )
 from quantmill.plugins.hookspecs import hookimpl
@@ -247,46 +249,64 @@ class S3Storage(StorageBackend):
         if path.is_file():
             sha, size = sha256_file(path), path.stat().st_size
             key = self._key("blobs", sha)
-            self._upload_files([(path, key, sha, size)], f"upload {path.name}")
+            self._upload_files([(path, key, sha, size)], f"upload {path.name}", size)
             return StoredObject(uri=f"s3://{bucket}/{key}", sha256=sha, size_bytes=size)
-        entries = tree_manifest(path)
+        files = tree_files(path)
+        entries: list[tuple[str, str, int]] = []
+
+        def hashed() -> Iterator[tuple[Path, str, str, int]]:
+            """Each new blob as soon as its hash is known: the next file is hashed while
+            this one uploads, so the content address costs little extra time."""
+            seen: set[str] = set()
+            for rel, file in files:
+                sha, size = sha256_file(file), file.stat().st_size
+                entries.append((rel, sha, size))
+                if sha not in seen:
+                    seen.add(sha)
+                    yield file, self._key("blobs", sha), sha, size
+
+        self._upload_files(hashed(), f"upload {path.name}",
+                           sum(file.stat().st_size for _, file in files))
         tree_sha = manifest_sha256(entries)
-        unique = {sha: (path / rel, size) for rel, sha, size in entries}
-        self._upload_files([(file, self._key("blobs", sha), sha, size)
-                            for sha, (file, size) in unique.items()], f"upload {path.name}")
         text = manifest_text(entries).encode()
         manifest = self.cache.temp_path("manifest-")
         try:
             manifest.write_bytes(text)
             key = self._key("trees", tree_sha)
-            self._upload_files([(manifest, key, tree_sha, len(text))], None)
+            self._upload_files([(manifest, key, tree_sha, len(text))], None, len(text))
         finally:
             manifest.unlink(missing_ok=True)
         return StoredObject(uri=f"s3://{bucket}/{key}", sha256=tree_sha,
                             size_bytes=sum(size for _, _, size in entries))
 
-    def _upload_files(self, files: list[tuple[Path, str, str, int]],
-                      description: str | None, bucket: str | None = None) -> None:
-        """Upload ``(path, key, sha256, size)`` items, small ones several at a time."""
+    def _upload_files(self, files: Iterable[tuple[Path, str, str, int]],
+                      description: str | None, total: int, bucket: str | None = None) -> None:
+        """Upload ``(path, key, sha256, size)`` items as ``files`` yields them: large ones one
+        at a time (each sends its parts in parallel), small ones several at a time. The first
+        failure stops the submissions; every started upload is waited for before it raises."""
         bucket, settings = bucket or self.config.bucket, self.settings
-        total = sum(size for *_, size in files)
         bar = progress_bar(description, total) if description else contextlib.nullcontext(None)
-        with bar as advance:
-            def one(item: tuple[Path, str, str, int]) -> None:
-                file, key, sha, size = item
-                try:
-                    upload_file(self.client, bucket, key, file, sha, size, settings, self.stats,
-                                on_bytes=advance)
-                except Exception as exc:
-                    raise self._fail(exc, "upload", f"s3://{bucket}/{key}") from None
 
-            large = [f for f in files if f[3] > settings.part_size]
-            small = [f for f in files if f[3] <= settings.part_size]
-            for item in large:  # parallel by part
-                one(item)
-            if small:
-                with ThreadPoolExecutor(max_workers=min(FILE_CONCURRENCY, len(small))) as pool:
-                    list(pool.map(one, small))
+        def one(item: tuple[Path, str, str, int]) -> None:
+            file, key, sha, size = item
+            try:
+                upload_file(self.client, bucket, key, file, sha, size, settings, self.stats,
+                            on_bytes=advance)
+            except Exception as exc:
+                raise self._fail(exc, "upload", f"s3://{bucket}/{key}") from None
+
+        with bar as advance, ThreadPoolExecutor(max_workers=1) as large, \
+                ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as small:
+            futures: list[Future[None]] = []
+            for item in files:
+                pool = large if item[3] > settings.part_size else small
+                futures.append(pool.submit(one, item))
+                if any(f.done() and f.exception() is not None for f in futures):
+                    break
+            wait(futures)
+            for future in futures:
+                if future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
 
     def publish(self, path: Path, destination: str) -> StoredObject:
         """Write ``path`` as plain files under ``destination`` (``s3://bucket/prefix/``), for
@@ -314,7 +334,8 @@ class S3Storage(StorageBackend):
         self.stats = TransferStats()
         self._upload_files([(root / rel, target.child(rel).key, sha, size)
                             for rel, (sha, size) in wanted.items()],
-                           f"publish {path.name}", bucket=bucket)
+                           f"publish {path.name}", sum(size for _, size in wanted.values()),
+                           bucket=bucket)
         uri = f"s3://{bucket}/{target.key.rstrip('/')}/"
         return StoredObject(uri=uri, sha256=manifest_sha256(entries) if path.is_dir()
                             else entries[0][1], size_bytes=sum(s for _, _, s in entries))
