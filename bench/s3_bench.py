@@ -201,8 +201,7 @@ class Sink:
     def advance(self, handle, amount):
         with LOCK:
             Sink.sent += amount
-            sys.stdout.write(f"{{Sink.sent}}\n")
-            sys.stdout.flush()
+            print(Sink.sent, flush=True)
     def finish(self, handle):
         pass
 
