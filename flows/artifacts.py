@@ -15,7 +15,7 @@ from typing import Any
 
 from quantmill.plugins.base import StorageBackend, StoredObject
 from quantmill.plugins.catalog import Catalog
-from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.errors import ConfigError, QuantmillError
 from quantmill.plugins.manager import get_plugin_manager
 from quantmill.registry import Artifact, ArtifactLocation, Registry
 
@@ -45,20 +45,20 @@ class Backends:
             found.setdefault(cls.scheme, cls)
         return found
 
-    def for_location(self, uri: str, details: dict[str, Any] | None = None) -> StorageBackend:
+    def class_for(self, uri: str) -> type[StorageBackend]:
+        """The installed backend class for the URI's scheme."""
         scheme = scheme_of(uri)
         classes = self._classes()
         if scheme not in classes:
-            raise QuantmillError(f"no installed storage backend reads {scheme}:// URIs ({uri})")
-        return classes[scheme].for_location(uri, dict(details or {}), like=self.like)
+            raise ConfigError(f"no installed storage backend handles {scheme}:// URIs ({uri})")
+        return classes[scheme]
+
+    def for_location(self, uri: str, details: dict[str, Any] | None = None) -> StorageBackend:
+        return self.class_for(uri).for_location(uri, dict(details or {}), like=self.like)
 
     def for_destination(self, uri: str, **options: Any) -> StorageBackend:
         """A backend that stores into ``uri`` (``s3://bucket/prefix`` or a local root)."""
-        scheme = scheme_of(uri)
-        classes = self._classes()
-        if scheme not in classes:
-            raise QuantmillError(f"no installed storage backend writes {scheme}:// URIs ({uri})")
-        cls = classes[scheme]
+        cls = self.class_for(uri)
         base = self.like.config.model_dump(exclude_none=True) \
             if isinstance(self.like, cls) else {}
         merged = {**base, **cls.options_from_url(uri),
@@ -132,7 +132,7 @@ class Rehasher:
         self.backends = backends or Backends()
 
     def __call__(self, location: ArtifactLocation) -> tuple[str, int]:
-        if scheme_of(location.uri) == "file" and "://" not in location.uri:
+        if "://" not in location.uri:
             raise OSError(f"not a URI: {location.uri}")
         backend = self.backends.for_location(location.uri, location.details)
         return backend.rehash(location.uri)

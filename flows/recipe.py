@@ -32,6 +32,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from quantmill.flows.artifacts import Backends
 from quantmill.plugins import base
 from quantmill.plugins.catalog import Catalog, Registry
 from quantmill.plugins.errors import ConfigError, QuantmillError
@@ -261,19 +262,13 @@ class InputFetcher:
             return [self.localize(item, f"{where}.{i}") for i, item in enumerate(value)]
         if not isinstance(value, str) or value[:5].lower() != "s3://":
             return value
-        backend = self._backend(value)
+        backend = Backends(self.catalog, like=self.storage).for_location(value)
         try:
             path = backend.fetch(value)
         except QuantmillError as exc:
             raise QuantmillError(f"'{where}': {exc}") from None
         self.fetched[str(path)] = RemoteInput(value, backend.location_details())
         return str(path)
-
-    def _backend(self, uri: str) -> base.StorageBackend:
-        for cls in self.catalog.storage_backends.classes():
-            if cls.scheme == "s3":
-                return cls.for_location(uri, {}, like=self.storage)
-        raise ConfigError(f"no installed storage backend reads s3:// URIs ({uri})")
 
 
 def _storage_choice(section: StorageSection, catalog: Catalog) -> tuple[str, dict[str, Any]]:
@@ -288,15 +283,14 @@ def _storage_choice(section: StorageSection, catalog: Catalog) -> tuple[str, dic
     if not url:
         return "local", {}
     refuse_credentials(url, "QUANTMILL_STORAGE_URL")
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    for cls in catalog.storage_backends.classes():
-        if cls.scheme == scheme:
-            try:
-                return cls.name, cls.options_from_url(url)
-            except (ValueError, QuantmillError) as exc:
-                raise ConfigError(f"QUANTMILL_STORAGE_URL: {exc}") from None
-    raise ConfigError(f"QUANTMILL_STORAGE_URL={url!r}: no storage backend for "
-                      f"'{scheme or 'a plain path'}' (use s3://BUCKET/PREFIX or file:///DIR)")
+    if "://" not in url:
+        raise ConfigError(f"QUANTMILL_STORAGE_URL={url!r} is not a URL (use "
+                          "s3://BUCKET/PREFIX or file:///DIR)")
+    try:
+        cls = Backends(catalog).class_for(url)
+        return cls.name, cls.options_from_url(url)
+    except (ValueError, QuantmillError) as exc:
+        raise ConfigError(f"QUANTMILL_STORAGE_URL: {exc}") from None
 
 
 def _publish_target(value: str | None, base_dir: Path) -> str | None:

@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class ContentCache:
             max_bytes = int(float(os.environ.get("QUANTMILL_CACHE_MAX_GB", DEFAULT_MAX_GB))
                             * (1 << 30))
         self.max_bytes = max_bytes
+        self._usage: int | None = None  # running total since the last walk (``_added``)
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -114,7 +116,7 @@ class ContentCache:
         os.replace(downloaded, target)
         _VERIFIED[str(target)] = _signature(target)
         self._pin(target)
-        self.evict(keep={target})
+        self._added(target.stat().st_size, target)
         return target
 
     def add_tree(self, sha256: str, files: list[tuple[str, str]]) -> Path:
@@ -148,8 +150,20 @@ class ContentCache:
             shutil.rmtree(staging, ignore_errors=True)
         _VERIFIED[str(target)] = _signature(target)
         self._pin(target)
-        self.evict(keep={target})
+        self._added(0, target)  # hard links to blobs already counted
         return target
+
+    def _added(self, nbytes: int, entry: Path) -> None:
+        """Keep the size bound without walking the cache on every insertion: the walk happens
+        once per process, and again only when the running total says the bound is passed
+        (other processes' insertions are seen at that walk)."""
+        if self._usage is None:
+            self._usage = self.usage()
+        else:
+            self._usage += nbytes
+        if self._usage > self.max_bytes:
+            self.evict(keep={entry})
+            self._usage = self.usage()
 
     def read_ref(self, key: str) -> dict[str, Any] | None:
         path = self.root / "refs" / f"{key}.json"
@@ -186,20 +200,26 @@ class ContentCache:
         trees = [p for p in (self.root / "trees").glob("*") if p.is_dir()]
         return blobs + trees
 
+    def _files(self, entry: Path) -> list[tuple[int, int]]:
+        """``(inode, size)`` of an entry's files."""
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        return [((stat := file.stat()).st_ino, stat.st_size) for file in files]
+
     def usage(self) -> int:
         """Bytes on disk: every distinct inode of the cache's entries counted once."""
-        seen: dict[int, int] = {}
-        for entry in self._entries():
-            files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
-            for file in files:
-                stat = file.stat()
-                seen[stat.st_ino] = stat.st_size
-        return sum(seen.values())
+        return sum({ino: size for entry in self._entries()
+                    for ino, size in self._files(entry)}.values())
 
     def evict(self, keep: set[Path] = frozenset()) -> list[Path]:  # type: ignore[assignment]
-        """Remove least recently used, unheld entries until the cache fits its bound."""
+        """Remove least recently used, unheld entries until the cache fits its bound (one walk:
+        an inode's bytes are freed when its last entry goes)."""
+        entries = self._entries()
+        files = {entry: self._files(entry) for entry in entries}
+        links = Counter(ino for found in files.values() for ino, _ in found)
+        sizes = {ino: size for found in files.values() for ino, size in found}
+        total = sum(sizes.values())
         removed: list[Path] = []
-        if self.usage() <= self.max_bytes:
+        if total <= self.max_bytes:
             return removed
         guard = self.root / "locks" / ".evict"
         guard.parent.mkdir(parents=True, exist_ok=True)
@@ -210,12 +230,16 @@ class ContentCache:
                 lock = self._lock_path(entry)
                 return lock.stat().st_mtime if lock.exists() else 0.0
 
-            for entry in sorted(self._entries(), key=last_use):
-                if self.usage() <= self.max_bytes:
+            for entry in sorted(entries, key=last_use):
+                if total <= self.max_bytes:
                     break
                 if entry in keep or not self._try_remove_unheld(entry):
                     continue
                 removed.append(entry)
+                for ino, _ in files[entry]:
+                    links[ino] -= 1
+                    if links[ino] == 0:
+                        total -= sizes[ino]
         return removed
 
     def _try_remove_unheld(self, entry: Path) -> bool:
