@@ -64,9 +64,7 @@ from quantmill.plugins.hashing import (
     manifest_sha256,
     manifest_text,
     parse_manifest,
-    sha256_file,
     tree_files,
-    tree_manifest,
 )
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.progress import progress_bar
@@ -76,8 +74,10 @@ from quantmill.storage.s3_client import Checksum, describe, is_missing, make_cli
 from quantmill.storage.s3_location import S3Location, parse_s3_uri
 from quantmill.storage.s3_transfer import (
     MIB,
+    FileDigest,
     TransferSettings,
     TransferStats,
+    digest_file,
     download_file,
     head_object,
     stream_sha256,
@@ -246,24 +246,26 @@ class S3Storage(StorageBackend):
         bucket = self.config.bucket
         self._check_bucket(bucket, f"s3://{bucket}/{self.config.prefix}")
         self.stats = TransferStats()
+        settings = self.settings
         if path.is_file():
-            sha, size = sha256_file(path), path.stat().st_size
-            key = self._key("blobs", sha)
-            self._upload_files([(path, key, sha, size)], f"upload {path.name}", size)
-            return StoredObject(uri=f"s3://{bucket}/{key}", sha256=sha, size_bytes=size)
+            digest = digest_file(path, settings)
+            key = self._key("blobs", digest.sha256)
+            self._upload_files([(path, key, digest)], f"upload {path.name}", digest.size)
+            return StoredObject(uri=f"s3://{bucket}/{key}", sha256=digest.sha256,
+                                size_bytes=digest.size)
         files = tree_files(path)
         entries: list[tuple[str, str, int]] = []
 
-        def hashed() -> Iterator[tuple[Path, str, str, int]]:
+        def hashed() -> Iterator[tuple[Path, str, FileDigest]]:
             """Each new blob as soon as its hash is known: the next file is hashed while
             this one uploads, so the content address costs little extra time."""
             seen: set[str] = set()
             for rel, file in files:
-                sha, size = sha256_file(file), file.stat().st_size
-                entries.append((rel, sha, size))
-                if sha not in seen:
-                    seen.add(sha)
-                    yield file, self._key("blobs", sha), sha, size
+                digest = digest_file(file, settings)
+                entries.append((rel, digest.sha256, digest.size))
+                if digest.sha256 not in seen:
+                    seen.add(digest.sha256)
+                    yield file, self._key("blobs", digest.sha256), digest
 
         self._upload_files(hashed(), f"upload {path.name}",
                            sum(file.stat().st_size for _, file in files))
@@ -273,24 +275,25 @@ class S3Storage(StorageBackend):
         try:
             manifest.write_bytes(text)
             key = self._key("trees", tree_sha)
-            self._upload_files([(manifest, key, tree_sha, len(text))], None, len(text))
+            self._upload_files([(manifest, key, digest_file(manifest, settings))], None,
+                               len(text))
         finally:
             manifest.unlink(missing_ok=True)
         return StoredObject(uri=f"s3://{bucket}/{key}", sha256=tree_sha,
                             size_bytes=sum(size for _, _, size in entries))
 
-    def _upload_files(self, files: Iterable[tuple[Path, str, str, int]],
+    def _upload_files(self, files: Iterable[tuple[Path, str, FileDigest]],
                       description: str | None, total: int, bucket: str | None = None) -> None:
-        """Upload ``(path, key, sha256, size)`` items as ``files`` yields them: large ones one
-        at a time (each sends its parts in parallel), small ones several at a time. The first
+        """Upload ``(path, key, digest)`` items as ``files`` yields them: large ones one at a
+        time (each sends its parts in parallel), small ones several at a time. The first
         failure stops the submissions; every started upload is waited for before it raises."""
         bucket, settings = bucket or self.config.bucket, self.settings
         bar = progress_bar(description, total) if description else contextlib.nullcontext(None)
 
-        def one(item: tuple[Path, str, str, int]) -> None:
-            file, key, sha, size = item
+        def one(item: tuple[Path, str, FileDigest]) -> None:
+            file, key, digest = item
             try:
-                upload_file(self.client, bucket, key, file, sha, size, settings, self.stats,
+                upload_file(self.client, bucket, key, file, digest, settings, self.stats,
                             on_bytes=advance)
             except Exception as exc:
                 raise self._fail(exc, "upload", f"s3://{bucket}/{key}") from None
@@ -299,7 +302,7 @@ class S3Storage(StorageBackend):
                 ThreadPoolExecutor(max_workers=FILE_CONCURRENCY) as small:
             futures: list[Future[None]] = []
             for item in files:
-                pool = large if item[3] > settings.part_size else small
+                pool = large if item[2].multipart else small
                 futures.append(pool.submit(one, item))
                 if any(f.done() and f.exception() is not None for f in futures):
                     break
@@ -315,27 +318,28 @@ class S3Storage(StorageBackend):
         content is refused rather than mixed with it."""
         target = parse_s3_uri(destination)
         self._check_bucket(target.bucket, destination)
-        entries = tree_manifest(path) if path.is_dir() else [(path.name, sha256_file(path),
-                                                              path.stat().st_size)]
         root = path if path.is_dir() else path.parent
+        files = tree_files(path) if path.is_dir() else [(path.name, path)]
+        digests = {rel: digest_file(file, self.settings) for rel, file in files}
         existing = self._listing(target)
-        wanted = {rel: (sha, size) for rel, sha, size in entries}
-        foreign = sorted(rel for rel in existing if rel not in wanted)
+        foreign = sorted(rel for rel in existing if rel not in digests)
         if foreign:
             raise StorageError(f"cannot publish to {target.uri.rstrip('/')}/: it already holds "
                                f"other files (e.g. {foreign[0]}); choose an empty prefix")
         client, bucket = self.client, target.bucket
-        for rel, (sha, _) in wanted.items():
+        for rel, digest in digests.items():
             if rel in existing:
                 head = head_object(client, bucket, target.child(rel).key)
-                if head is not None and (head.get("Metadata") or {}).get("sha256") != sha:
+                if head is not None and (head.get("Metadata") or {}).get("sha256") \
+                        != digest.sha256:
                     raise StorageError(f"cannot publish to {target.uri.rstrip('/')}/: {rel} "
                                        "there has other content; choose another prefix")
         self.stats = TransferStats()
-        self._upload_files([(root / rel, target.child(rel).key, sha, size)
-                            for rel, (sha, size) in wanted.items()],
-                           f"publish {path.name}", sum(size for _, size in wanted.values()),
+        self._upload_files([(root / rel, target.child(rel).key, digest)
+                            for rel, digest in digests.items()],
+                           f"publish {path.name}", sum(d.size for d in digests.values()),
                            bucket=bucket)
+        entries = [(rel, digest.sha256, digest.size) for rel, digest in digests.items()]
         uri = f"s3://{bucket}/{target.key.rstrip('/')}/"
         return StoredObject(uri=uri, sha256=manifest_sha256(entries) if path.is_dir()
                             else entries[0][1], size_bytes=sum(s for _, _, s in entries))

@@ -14,6 +14,13 @@ Why these client settings:
   its ``checksum`` setting names, itself, and nothing else.
 - path-style addressing with a custom endpoint (``addressing_style: auto``): S3-compatible
   servers on an IP address or a single host name cannot serve ``bucket.host`` names.
+- a body that carries a SHA256 checksum is not hashed a second time for the signature
+  (``_sign_checksum_not_payload``). Over plain HTTP, SigV4 would otherwise sign the payload's
+  own sha256, computed again by the client and verified again by the server. The signed
+  ``x-amz-checksum-sha256`` header already binds the body: the server checks the body against
+  it, and the signature covers the header. botocore makes the same choice over TLS. Bodies with
+  only a CRC32 or MD5, or none, keep their signed payload hash, because a CRC authenticates
+  nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from quantmill.storage.errors import StorageError, StorageObjectMissing
+
+_SHA256_CHECKSUM_HEADER = "x-amz-checksum-sha256"
 
 Checksum = Literal["sha256", "crc32", "md5", "off"]
 
@@ -50,7 +59,24 @@ def make_client(*, endpoint_url: str | None, region: str | None, profile: str | 
         response_checksum_validation="when_required",
     )
     session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, config=config)
+    client = session.client("s3", endpoint_url=endpoint_url, config=config)
+    unsigned_body = config.merge(Config(s3={"addressing_style": style,
+                                            "payload_signing_enabled": False}))
+    for operation in ("PutObject", "UploadPart"):
+        client.meta.events.register(f"before-sign.s3.{operation}",
+                                    _sign_checksum_not_payload(unsigned_body))
+    return client
+
+
+def _sign_checksum_not_payload(unsigned_body: Any) -> Any:
+    """A ``before-sign`` handler: a request whose body carries a SHA256 checksum is signed
+    with ``UNSIGNED-PAYLOAD`` (the checksum header, signed and verified, binds the body)."""
+
+    def handler(request: Any, **_: Any) -> None:
+        if _SHA256_CHECKSUM_HEADER in {name.lower() for name in request.headers}:
+            request.context["client_config"] = unsigned_body
+
+    return handler
 
 
 def error_code(exc: BaseException) -> str:

@@ -7,7 +7,11 @@ missing. So uploads are written against the S3 API directly, with the same desig
 transfer manager (fixed-size parts sent by a thread pool over one thread-safe client) plus:
 
 - every part carries the checksum the ``checksum`` setting names (``x-amz-checksum-sha256`` by
-  default, or CRC32, or ``Content-MD5``), which the server verifies before it accepts the part;
+  default, or CRC32, or ``Content-MD5``), which the server verifies before it accepts the part.
+  The part checksums are computed in the same read of the file as its content hash
+  (``digest_file``, on a second thread), so what the server verifies is exactly what was hashed:
+  a file changed after it was hashed is refused by the server instead of stored under the old
+  hash, and the upload itself hashes nothing;
 - an object whose key already exists with the right size and ``sha256`` metadata is not sent
   (keys are content hashes, so a present key is the content);
 - an unfinished multipart upload of the same key, left by an attempt that could not abort it
@@ -32,7 +36,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +106,52 @@ def part_checksum(data: bytes | memoryview, mode: str) -> dict[str, str]:
     return {}
 
 
+@dataclass(frozen=True)
+class FileDigest:
+    """What one read of a file yields for its upload: its content hash (its key), its size, the
+    part size its upload will use, and each part's checksum request fields (``checksum``
+    setting; empty dicts for ``off``)."""
+
+    sha256: str
+    size: int
+    part_size: int
+    part_checksums: tuple[dict[str, str], ...]
+
+    @property
+    def multipart(self) -> bool:
+        return len(self.part_checksums) > 1
+
+
+#: Parts read ahead of the checksum thread: bounds memory to a few parts per file.
+_READ_AHEAD = 2
+
+
+def digest_file(path: Path, settings: TransferSettings) -> FileDigest:
+    """Hash ``path`` once for its upload: the content sha256 on this thread while a second
+    thread computes the checksum of each part as the upload will cut it (hashlib releases the
+    GIL, so the two use two cores)."""
+    size = path.stat().st_size
+    part_size = settings.part_size_for(size) if size > settings.part_size else max(size, 1)
+    content = hashlib.sha256()
+    read = 0
+    pending: list[Future[dict[str, str]]] = []
+    single_sha256 = size <= part_size and settings.checksum == "sha256"
+    with ThreadPoolExecutor(max_workers=1) as checksums, path.open("rb") as handle:
+        while chunk := handle.read(part_size):
+            read += len(chunk)
+            if not single_sha256:
+                pending.append(checksums.submit(part_checksum, chunk, settings.checksum))
+            content.update(chunk)
+            if len(pending) > _READ_AHEAD:
+                pending[-_READ_AHEAD - 1].result()
+        parts = [future.result() for future in pending]
+    if read != size:
+        raise StorageIntegrityError(f"{path} changed size while it was hashed for upload")
+    if single_sha256:
+        parts = [{"ChecksumSHA256": _b64(content.digest())}]
+    return FileDigest(content.hexdigest(), size, part_size, tuple(parts or [{}]))
+
+
 def _read(fd: int, offset: int, length: int) -> bytes:
     chunks, done = [], 0
     while done < length:
@@ -127,30 +177,31 @@ def object_matches(head: dict[str, Any], sha256: str, size: int) -> bool:
     return True
 
 
-def upload_file(client: Any, bucket: str, key: str, path: Path, sha256: str, size: int,
+def upload_file(client: Any, bucket: str, key: str, path: Path, digest: FileDigest,
                 settings: TransferSettings, stats: TransferStats,
                 on_bytes: Callable[[int], None] | None = None) -> None:
-    """Make ``s3://bucket/key`` hold ``path`` (content ``sha256``), confirmed by a HEAD.
+    """Make ``s3://bucket/key`` hold ``path`` as ``digest`` describes it, confirmed by a HEAD.
 
     Raises botocore's errors as they come (the caller turns them into one line).
     """
+    sha256, size = digest.sha256, digest.size
     existing = head_object(client, bucket, key)
     if existing is not None and object_matches(existing, sha256, size):
         stats.add(objects_skipped=1)
         return
     metadata = {"sha256": sha256}
-    if size <= settings.part_size:
+    if not digest.multipart:
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if settings.checksum != "sha256" and hashlib.sha256(data).hexdigest() != sha256:
+            # a SHA256 part checksum makes the server refuse changed bytes; others may not
             raise StorageIntegrityError(f"{path} changed while it was being stored")
-        checksum = part_checksum(data, settings.checksum)
-        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata, **checksum,
-                          **_algorithm(settings.checksum))
+        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata,
+                          **digest.part_checksums[0], **_algorithm(settings.checksum))
         stats.add(bytes_sent=size, objects_sent=1, parts_sent=1)
         if on_bytes:
             on_bytes(size)
     else:
-        _multipart(client, bucket, key, path, size, metadata, settings, stats, on_bytes)
+        _multipart(client, bucket, key, path, digest, metadata, settings, stats, on_bytes)
     confirmed = head_object(client, bucket, key)
     if confirmed is None or not object_matches(confirmed, sha256, size):
         raise StorageIntegrityError(f"s3://{bucket}/{key} does not hold the content just "
@@ -175,15 +226,14 @@ def head_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def _multipart(client: Any, bucket: str, key: str, path: Path, size: int,
+def _multipart(client: Any, bucket: str, key: str, path: Path, digest: FileDigest,
                metadata: dict[str, str], settings: TransferSettings, stats: TransferStats,
                on_bytes: Callable[[int], None] | None) -> None:
-    part_size = settings.part_size_for(size)
-    count = -(-size // part_size)
+    size, part_size = digest.size, digest.part_size
+    count = len(digest.part_checksums)
     with path.open("rb") as handle:
         fd = handle.fileno()
-        upload_id, done = _resumable(client, bucket, key, fd, size, part_size, settings, stats,
-                                     on_bytes)
+        upload_id, done = _resumable(client, bucket, key, fd, digest, settings, stats, on_bytes)
         if upload_id is None:
             upload_id = client.create_multipart_upload(
                 Bucket=bucket, Key=key, Metadata=metadata, **_algorithm(settings.checksum)
@@ -194,7 +244,7 @@ def _multipart(client: Any, bucket: str, key: str, path: Path, size: int,
             def send(number: int) -> tuple[int, dict[str, str]]:
                 offset = (number - 1) * part_size
                 data = _read(fd, offset, min(part_size, size - offset))
-                checksum = part_checksum(data, settings.checksum)
+                checksum = digest.part_checksums[number - 1]
                 answer = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
                                             PartNumber=number, Body=data, **checksum)
                 stats.add(bytes_sent=len(data), parts_sent=1)
@@ -243,7 +293,7 @@ def _abort_quietly(client: Any, bucket: str, key: str, upload_id: str) -> None:
         pass
 
 
-def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size: int,
+def _resumable(client: Any, bucket: str, key: str, fd: int, digest: FileDigest,
                settings: TransferSettings, stats: TransferStats,
                on_bytes: Callable[[int], None] | None) -> tuple[str | None, dict[int, dict]]:
     """An unfinished upload of ``key`` to continue and its parts that match the file; other
@@ -251,6 +301,7 @@ def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size
     uploads = [u for u in client.list_multipart_uploads(Bucket=bucket, Prefix=key)
                .get("Uploads", []) if u["Key"] == key]
     uploads.sort(key=lambda u: u["Initiated"], reverse=True)
+    size, part_size = digest.size, digest.part_size
     chosen: str | None = None
     done: dict[int, dict] = {}
     field_name = _CHECKSUM_FIELDS.get(settings.checksum)
@@ -268,7 +319,7 @@ def _resumable(client: Any, bucket: str, key: str, fd: int, size: int, part_size
             if listed_part_matches(part, data):
                 entry = {"PartNumber": number, "ETag": part["ETag"]}
                 if field_name:
-                    entry[field_name] = part_checksum(data, settings.checksum)[field_name]
+                    entry[field_name] = digest.part_checksums[number - 1][field_name]
                 done[number] = entry
         if done:
             chosen = upload["UploadId"]

@@ -155,17 +155,17 @@ def test_server_killed_mid_multipart_then_rerun_sends_only_missing_parts(
     recipe = tiny_recipe(model={"path": str(model), "source": "hf"},
                          evaluation=[{"evaluator": "size"}],
                          storage=_storage(s3_env, "crash", part_size_mb=5, max_concurrency=1))
-    real = s3_transfer.part_checksum
+    real = s3_transfer._read
     lock, calls = threading.Lock(), []
 
-    def kill_before_second_part(data, mode):
+    def kill_before_second_part(fd, offset, length):
         with lock:
-            calls.append(len(data))
-            if len(data) == 5 * MIB and calls.count(5 * MIB) == 2:
+            calls.append(length)
+            if length == 5 * MIB and calls.count(5 * MIB) == 2:
                 s3_env.kill()  # the server dies with part 1 of the checkpoint stored
-        return real(data, mode)
+        return real(fd, offset, length)
 
-    monkeypatch.setattr(s3_transfer, "part_checksum", kill_before_second_part)
+    monkeypatch.setattr(s3_transfer, "_read", kill_before_second_part)
     try:
         code, _, err = _cli("run", str(recipe))
     finally:
@@ -179,7 +179,7 @@ def test_server_killed_mid_multipart_then_rerun_sends_only_missing_parts(
         failed = reg.list_runs(kind="quantization")
         assert [r.status for r in failed] == ["failed"]
 
-    monkeypatch.setattr(s3_transfer, "part_checksum", real)
+    monkeypatch.setattr(s3_transfer, "_read", real)
     _ok("run", str(recipe))
     with Registry.open() as reg:
         checkpoint = reg.list_artifacts(kind="checkpoint")[0]

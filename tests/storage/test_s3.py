@@ -37,6 +37,10 @@ def _raw_client(server):
                                       request_checksum_calculation="when_required"))
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _key(uri: str) -> str:
     return parse_s3_uri(uri).key
 
@@ -137,6 +141,60 @@ def test_a_wrong_part_checksum_is_refused_by_the_server(s3_env) -> None:
     with pytest.raises(Exception, match="BadDigest"):
         raw.put_object(Bucket="quantmill-tests", Key="bad-digest", Body=b"abc",
                        ChecksumSHA256="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+
+
+@pytest.mark.parametrize("size_mib", [3, 12])
+def test_a_file_changed_after_it_was_hashed_is_refused_not_stored(
+        s3_env, s3_storage, tmp_path: Path, size_mib: int) -> None:
+    """The parts' checksums come from the read that made the content hash, so bytes changed
+    between hashing and sending are refused by the server: nothing is stored under the old
+    hash, and no multipart upload is left behind."""
+    from quantmill.storage.s3_transfer import TransferStats, digest_file, upload_file
+
+    file = tmp_path / "weights.bin"
+    file.write_bytes(os.urandom(size_mib * MIB))
+    store = s3_storage(part_size_mb=5)
+    digest = digest_file(file, store.settings)
+    assert digest.multipart == (size_mib > 5)
+    with file.open("r+b") as handle:  # same size, other bytes in the last part
+        handle.seek(size_mib * MIB - 10)
+        handle.write(b"0123456789")
+    key = store._key("blobs", digest.sha256)
+    with pytest.raises(Exception, match="BadDigest"):
+        upload_file(store.client, "quantmill-tests", key, file, digest, store.settings,
+                    TransferStats())
+    raw = _raw_client(s3_env)
+    with pytest.raises(Exception, match="404"):
+        raw.head_object(Bucket="quantmill-tests", Key=key)
+    assert raw.list_multipart_uploads(Bucket="quantmill-tests",
+                                      Prefix=key).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "crc32"])
+def test_only_a_sha256_checksum_replaces_the_signed_payload_hash(s3_storage, tmp_path: Path,
+                                                                 checksum: str) -> None:
+    """Over plain HTTP SigV4 signs the body's sha256; a body carrying a (signed) SHA256
+    checksum is not hashed again for that, a body with only a CRC keeps its payload hash."""
+    file = tmp_path / "weights.bin"
+    file.write_bytes(os.urandom(7 * MIB))
+    store = s3_storage(checksum=checksum, part_size_mb=5)
+    signed: list[tuple[str, str]] = []
+
+    def record(request, **_):
+        if request.method == "PUT":
+            signed.append(tuple(_text(request.headers[name]) for name in
+                                ("X-Amz-Content-SHA256", "Authorization")))
+
+    store.client.meta.events.register("before-send.s3", record)
+    stored = store.put_tree(file)
+    assert store.rehash(stored.uri) == (stored.sha256, 7 * MIB)
+    bodies = [value for value, _ in signed]
+    assert len(bodies) == 2  # the two parts
+    if checksum == "sha256":
+        assert set(bodies) == {"UNSIGNED-PAYLOAD"}
+        assert all(f"x-amz-checksum-{checksum}" in auth for _, auth in signed)
+    else:
+        assert "UNSIGNED-PAYLOAD" not in bodies and all(len(v) == 64 for v in bodies)
 
 
 def test_rerun_after_interrupted_multipart_sends_only_missing_parts(s3_env, s3_storage,
