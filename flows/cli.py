@@ -25,11 +25,14 @@ plugins_app = typer.Typer(help="Installed plugins.", no_args_is_help=True)
 models_app = typer.Typer(help="Models.", no_args_is_help=True)
 registry_app = typer.Typer(help="The registry database.", no_args_is_help=True)
 storage_app = typer.Typer(help="Where artifacts are stored.", no_args_is_help=True)
+work_app = typer.Typer(help="Work areas of interrupted jobs (resumed by a rerun).",
+                       no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(models_app, name="models")
 app.add_typer(registry_app, name="registry")
 app.add_typer(storage_app, name="storage")
+app.add_typer(work_app, name="work")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -374,6 +377,7 @@ from quantmill.flows import (  # noqa: E402,F401  (registration side effect)
     cli_api,
     cli_registry,
     cli_storage,
+    cli_work,
 )
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,6 +121,7 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
             checkpoint_id = tasks.register(ref, run.id, stored, quantized,
                                            inputs["base_model"], evaluations,
                                            inputs["datasets"])
+        tasks.clear_work_area(ref, quantized.get("work_area"))
     except BaseException as exc:
         tasks.MODEL_CACHE.clear()
         try:

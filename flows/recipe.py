@@ -293,6 +293,14 @@ def _storage_choice(section: StorageSection, catalog: Catalog) -> tuple[str, dic
         raise ConfigError(f"QUANTMILL_STORAGE_URL: {exc}") from None
 
 
+def default_storage(catalog: Catalog) -> base.StorageBackend:
+    """The storage a recipe without a ``storage`` section would use."""
+    backend, options = _storage_choice(StorageSection(), catalog)
+    storage = build_plugin(catalog.storage_backends, backend, options, "storage", Path.cwd())
+    assert isinstance(storage, base.StorageBackend)
+    return storage
+
+
 def _publish_target(value: str | None, base_dir: Path) -> str | None:
     if value is None:
         return None

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from quantmill.flows.artifacts import Backends, as_uri, fetch_artifact
 from quantmill.flows.recipe import Job, parse_recipe, resolve_job
 from quantmill.flows.runtime import software_versions
+from quantmill.flows.work import FlowWorkArea, fingerprint
 from quantmill.plugins.base import CalibrationSet, EvaluationResult, LoadedModel, StoredObject
 from quantmill.plugins.catalog import Catalog
 from quantmill.plugins.errors import QuantmillError
@@ -271,7 +272,20 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
     plan = job.allocator.plan(loaded.model, quantizable, default, calibration)
     plan_seconds = time.perf_counter() - planning
     started = time.perf_counter()
-    result = job.quantizer.quantize(loaded.model, plan, calibration)
+    work_key = None
+    if job.quantizer.resumable:
+        # finished decoder blocks are kept in the storage's work area: a rerun of this job
+        # after a crash continues at the first unfinished block (flows/work.py)
+        with ref.registry() as reg:
+            base_sha = reg.get_artifact(inputs["base_model"]).sha256
+        work_key = fingerprint(base_sha, calibration.sha256 if calibration else None,
+                               job.quantizer, plan, job.device())
+        area = FlowWorkArea(job.storage, work_key, {"recipe": job.recipe.name,
+                                                    "quantizer": job.quantizer.name,
+                                                    "job_id": ref.job_id})
+        result = job.quantizer.quantize(loaded.model, plan, calibration, work_area=area)
+    else:
+        result = job.quantizer.quantize(loaded.model, plan, calibration)
     quantize_seconds = time.perf_counter() - started
     if result.float_overrides and not job.exporter.accepts_float_overrides:
         raise QuantmillError(
@@ -291,7 +305,14 @@ def quantize_step(ref: JobRef, inputs: dict[str, Any], calibration_id: int | Non
         "plan_seconds": round(plan_seconds, 3),
         "details": _jsonable(result.details),
         "export": _jsonable(summary),
+        "work_area": work_key,
     }
+
+
+def clear_work_area(ref: JobRef, key: str | None) -> None:
+    """The run is registered: its finished blocks are no longer needed."""
+    if key is not None:
+        ref.job().storage.work_area(key).clear()
 
 
 def upload_step(ref: JobRef, checkpoint_dir: str) -> dict[str, Any]:

@@ -17,12 +17,15 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from quantmill.plugins.hadamard import InputRotation
+
+if TYPE_CHECKING:
+    from quantmill.plugins.blockwise.resume import BlockStore
 
 
 @functools.lru_cache(maxsize=8)
@@ -376,13 +379,23 @@ class Quantizer(Plugin):
         """Module-name patterns (fnmatch) that must stay in float."""
         return []
 
+    #: True when ``quantize`` accepts a ``work_area`` (``plugins.blockwise.resume.WorkArea``)
+    #: and keeps each finished decoder block there, so a rerun of an interrupted job continues
+    #: at the first unfinished block and returns the same result. A layer-wise quantizer gets
+    #: this by running through ``plugins.blockwise.pipeline.run_blockwise`` with the area the
+    #: flow passes in; the flow keys the area by the base model, the calibration set, the
+    #: quantizer's resolved config, the plan and the quantmill version (``flows/work.py``).
+    resumable: ClassVar[bool] = False
+
     @abc.abstractmethod
     def quantize(
         self,
         model: torch.nn.Module,
         plan: QuantPlan,
         calibration: CalibrationSet | None,
-    ) -> QuantizationResult: ...
+    ) -> QuantizationResult:
+        """Quantize ``plan``'s modules. A ``resumable`` quantizer also takes
+        ``work_area: WorkArea | None = None`` (passed only to such quantizers)."""
 
 
 class Evaluator(Plugin):
@@ -454,6 +467,17 @@ class StorageBackend(Plugin):
     def publish(self, path: Path, destination: str) -> StoredObject:
         """Write ``path`` as plain files at ``destination`` (a readable place, not the
         content-addressed layout) and return where and what was written."""
+
+    @abc.abstractmethod
+    def work_area(self, key: str) -> BlockStore:
+        """The scratch objects of one interrupted-and-resumable job (``plugins.blockwise``):
+        finished decoder blocks kept under ``key`` beside the artifacts, so a rerun on this or
+        another machine continues where the job stopped. Not content-addressed, never
+        registered; removed once the job's run is registered."""
+
+    @abc.abstractmethod
+    def work_area_keys(self) -> list[str]:
+        """The keys of every work area this backend holds (``quantmill work list``)."""
 
     def check(self) -> None:
         """A cheap check that the store can be used (run when a recipe is validated, so an

@@ -44,6 +44,14 @@ def register_quantizers() -> list[type[Quantizer]]:
     """Return quantizer classes (subclasses of ``quantmill.plugins.Quantizer``).
 
     A recipe picks one with ``quantization.method: <name>``.
+
+    A layer-wise quantizer (one that works decoder block by decoder block from calibration
+    Hessians) should not walk the blocks itself: subclass
+    ``quantmill.plugins.blockwise.pipeline.BlockMethod`` (``quantize_stage`` gets each stage's
+    linears and Hessian; optional hooks for whole-block work), call ``run_blockwise`` from
+    ``quantize`` with the ``work_area`` it is given, and set ``resumable = True``. It then runs
+    on every model family the pipeline knows, and an interrupted job resumes at its first
+    unfinished block with a bit-identical result.
     """
 
 

@@ -4,6 +4,7 @@ Layout under the root (default ``$QUANTMILL_HOME/storage``)::
 
     objects/sha256/<first two hex>/<sha256>    a file, or a directory tree (see plugins.hashing)
     tmp/                                       staging; anything here is an unfinished write
+    work/<key>/                                finished decoder blocks of an unfinished job
 
 An object is copied into ``tmp/`` first and renamed into ``objects/`` only once complete, so a
 crash never leaves a half-written object under its hash. Reads re-hash the content and refuse a
@@ -27,6 +28,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from quantmill.plugins.base import PluginConfig, StorageBackend, StoredObject
+from quantmill.plugins.blockwise.resume import DirectoryBlockStore
+from quantmill.plugins.blockwise.resume import work_key as _work_key
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.plugins.home import quantmill_home
@@ -46,6 +49,13 @@ class LocalStorage(StorageBackend):
     @property
     def root(self) -> Path:
         return (self.config.root or quantmill_home() / "storage").expanduser().resolve()
+
+    def work_area(self, key: str) -> DirectoryBlockStore:
+        return DirectoryBlockStore(self.root / "work" / _work_key(key))
+
+    def work_area_keys(self) -> list[str]:
+        work = self.root / "work"
+        return sorted(p.name for p in work.iterdir() if p.is_dir()) if work.is_dir() else []
 
     def object_path(self, sha256: str) -> Path:
         return self.root / "objects" / "sha256" / sha256[:2] / sha256

@@ -4,6 +4,7 @@ Layout in the bucket, under ``prefix`` (default ``quantmill``)::
 
     <prefix>/blobs/sha256/<ab>/<sha256>    one object per file, keyed by the file's own sha256
     <prefix>/trees/sha256/<ab>/<sha256>    one object per directory tree: its manifest
+    <prefix>/work/<key>/<name>              scratch of an unfinished resumable job (s3_work.py)
 
 A tree's manifest is exactly the text ``plugins.hashing.manifest_text`` defines (one line
 ``<sha256> <size> <relative/path>`` per file, sorted), so the manifest object's own sha256 *is*
@@ -59,6 +60,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from quantmill.plugins.base import PluginConfig, StorageBackend, StoredObject
+from quantmill.plugins.blockwise.resume import work_key
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import (
     manifest_sha256,
@@ -83,6 +85,7 @@ from quantmill.storage.s3_transfer import (
     stream_sha256,
     upload_file,
 )
+from quantmill.storage.s3_work import S3BlockStore, work_area_keys
 
 _LAYOUT_RE = re.compile(r"^(?P<root>(?:.*/)?)(?P<kind>blobs|trees)/sha256/(?P<ab>[0-9a-f]{2})/"
                         r"(?P<sha>[0-9a-f]{64})$")
@@ -236,6 +239,23 @@ class S3Storage(StorageBackend):
         except BotoCoreError as exc:
             raise self._fail(exc, "use", uri) from None
         self._checked_buckets.add(bucket)
+
+    # --- work areas of resumable jobs -----------------------------------------------------------
+
+    def _work_root(self) -> str:
+        prefix = self.config.prefix.strip("/")
+        return f"{prefix}/work/" if prefix else "work/"
+
+    def work_area(self, key: str) -> S3BlockStore:
+        return S3BlockStore(self.client, self.config.bucket,
+                            f"{self._work_root()}{work_key(key)}/")
+
+    def work_area_keys(self) -> list[str]:
+        try:
+            return work_area_keys(self.client, self.config.bucket, self._work_root())
+        except Exception as exc:
+            raise self._fail(exc, "list", f"s3://{self.config.bucket}/{self._work_root()}") \
+                from None
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -97,7 +97,8 @@ one batch (bench/results/tradeoff-rotated/): 3.5 bits rotated 28.97, uniform 3-b
 4-bit rotated 26.81, unrotated 4-bit 27.59.
 
 What closes the gap is a trellis code on the rotated weights (QTIP's bitshift trellis, an
-experiment so far: bench/trellis_experiment.py, bench/results/trellis-cuda-experiments.json,
+experiment so far: bench/experiments/trellis_experiment.py,
+bench/results/trellis-cuda-experiments.json,
 H100): with this allocator's plan re-budgeted so that the trellis formats cost 3.499 bits per
 weight, perplexity 27.21 (state bits L=16), 27.25 (L=12), 27.36 (L=10), all below uniform 4-bit
 GPTQ's 27.59; uniform 3-bit trellis (3.046 bits per weight) 28.55 against GPTQ's 33.72. L=10

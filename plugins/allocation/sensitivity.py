@@ -31,9 +31,9 @@ The measure, and why:
   predicted damage in nats is well calibrated (0.80 predicted at 3.5 bits, 0.80 measured:
   ln(56.8 / 25.62)), so it is the default.
 
-Memory: Hessians are collected decoder block by decoder block (a block's modules that read the
-same tensor share one H; accumulated in float32 with forward pre-hooks, batch by batch) and
-turned into damages before the next block runs, so only one block's H are ever held. Deferred
+Memory: Hessians are collected decoder block by decoder block by the block-wise pipeline
+(``plugins.blockwise``: a stage's modules read one tensor and share one H) and turned into
+damages before the next block runs, so only one block's H are ever held. Deferred
 (meta-device) block weights are fetched one block at a time in a copy; the Fisher pass needs a
 backward through the whole model, so for it the deferred weights are fetched for its duration and
 put back on the meta device afterwards (the block pass then uses them too, rather than fetching
@@ -44,7 +44,6 @@ or without deferred weights, against 1.8 GB for GPTQ itself.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +53,17 @@ import torch
 import torch.nn.functional as F
 
 from quantmill.plugins.allocation.cost import Candidate, WeightKind
+from quantmill.plugins.blockwise.pipeline import (
+    BlockContext,
+    BlockMethod,
+    PipelineOptions,
+    Stage,
+    StageOutcome,
+    run_blockwise,
+)
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hadamard import InputRotation, rotation_site
 from quantmill.plugins.models import deferred
-from quantmill.plugins.models.modules import block_output
-from quantmill.plugins.progress import progress_bar
-from quantmill.plugins.quantizers.gptq.layerwise import capture_block_inputs, find_decoder_layers
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 
 Weighting = Literal["fisher", "fisher_layer", "none"]
@@ -177,60 +181,6 @@ class Sensitivity:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class _SharedInputHessians:
-    """Forward pre-hooks accumulating ``sum x x^T`` for linears; linears that receive the same
-    tensor object (q/k/v, gate/up) share one accumulator, found on the first batch."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device):
-        self.modules = modules
-        self.device = device
-        self.leader: dict[str, str] = {}  # module -> the module whose accumulator it uses
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._first_batch = True
-        self._seen: list[tuple[torch.Tensor, str]] = []  # refs keep ids unique within a batch
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _SharedInputHessians:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._seen.clear()
-
-    def end_batch(self) -> None:
-        self._first_batch = False
-        self._seen.clear()
-
-    def _hook(self, name: str) -> Any:
-        def hook(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            if self._first_batch:
-                same = next((leader for t, leader in self._seen if t is x), None)
-                self.leader[name] = same or name
-                self._seen.append((x, name))
-            if self.leader.get(name, name) != name:
-                return
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(self.device, torch.float32)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], device=self.device)
-                self.counts[name] = 0
-            self.sums[name].addmm_(x2.T, x2)
-            self.counts[name] += x2.shape[0]
-
-        return hook
-
-    def hessian(self, name: str) -> torch.Tensor:
-        """``mean x x^T`` of ``name``'s inputs (float32 [in, in])."""
-        leader = self.leader.get(name, name)
-        if leader not in self.sums or self.counts[leader] == 0:
-            raise QuantmillError(f"no calibration input reached module '{name}'")
-        return self.sums[leader] / self.counts[leader]
-
-
 def _set_leaf(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
@@ -330,68 +280,50 @@ def output_gradient_power(model: torch.nn.Module, names: Sequence[str],
     return {name: s / max(tokens, 1) for name, s in sums.items()}, tokens
 
 
-def _split_by_block(names: Sequence[str], prefix: str, count: int) -> list[dict[str, str]]:
-    """``[block index] -> {local name: full name}``; refuses modules outside decoder blocks."""
-    per_block: list[dict[str, str]] = [{} for _ in range(count)]
-    for name in names:
-        head, _, rest = name.partition(f"{prefix}.")
-        index, _, local = rest.partition(".")
-        if head or not index.isdigit() or not local or int(index) >= count:
-            raise QuantmillError(
-                f"mixed_precision measures the linears of decoder blocks; '{name}' is not one "
-                "(skip it with the quantizer's 'skip' setting)"
-            )
-        per_block[int(index)][local] = name
-    return per_block
+class _BlockDamages(BlockMethod):
+    """The sensitivity pass as a method of the block-wise pipeline: every stage's Hessian
+    (from the float model: nothing is quantized, so each block feeds the next its float
+    outputs) turned into each module's damage per candidate."""
+
+    label = "sensitivity"
+    activation_cache = torch.float32  # the float stream stays exact
+
+    def __init__(self, candidates: Sequence[Candidate], sym: bool, kind: WeightKind,
+                 options: SensitivityOptions,
+                 channel_weights: dict[str, torch.Tensor | None]):
+        self.candidates, self.sym, self.kind = candidates, sym, kind
+        self.options = options
+        self.channel_weights = channel_weights
+
+    def quantize_stage(self, block: BlockContext, stage: Stage,
+                       hessian: torch.Tensor) -> StageOutcome:
+        mean_xx = hessian / 2.0  # the pipeline's H is 2 X^T X / n; the damages use mean x x^T
+        out = StageOutcome()
+        for name, module in zip(stage.names, stage.modules, strict=True):
+            weight, h = module.weight, mean_xx
+            if self.options.rotation_seed is not None:
+                rotation = InputRotation.for_site(weight.shape[1], self.options.rotation_seed,
+                                                  rotation_site(name))
+                weight = rotation.apply(weight.detach().float())
+                h = rotation.rotate_hessian(h)
+            out.details[name] = {"damages": candidate_damages(
+                weight, h, self.candidates, self.sym, self.kind,
+                self.channel_weights.get(name))}
+        return out
 
 
-def _block_with_weights(block: torch.nn.Module, name: str, device: torch.device,
-                        fetcher: deferred.WeightFetcher | None) -> torch.nn.Module:
-    """The block itself when its weights are real; else a copy with its weights fetched."""
-    if not any(p.is_meta for p in block.parameters()):
-        return block
-    if fetcher is None:
-        raise QuantmillError(f"block {name} has meta-device weights and no fetcher")
-    work = copy.deepcopy(block)
-    deferred.materialize(work, name, fetcher, device)
-    return work.to(device)
-
-
-@torch.inference_mode()
 def _block_damages(model: torch.nn.Module, names: Sequence[str],
                    candidates: Sequence[Candidate], sym: bool, kind: WeightKind,
                    input_ids: torch.Tensor, options: SensitivityOptions,
                    channel_weights: dict[str, torch.Tensor | None]) -> dict[str, list[float]]:
-    prefix, layers = find_decoder_layers(model)
-    per_block = _split_by_block(names, prefix, len(layers))
-    last = max((i for i, b in enumerate(per_block) if b), default=-1)
-    hidden, kwargs = capture_block_inputs(model, layers[0], input_ids, options.batch_size,
-                                          options.device)
-    kwargs = [{k: v for k, v in kw.items()
-               if k not in ("use_cache", "past_key_values", "past_key_value")} for kw in kwargs]
-    fetcher = deferred.fetcher_of(model)
-    damages: dict[str, list[float]] = {}
-    with progress_bar("sensitivity", total=last + 1) as advance:
-        for i in range(last + 1):
-            work = _block_with_weights(layers[i], f"{prefix}.{i}", options.device, fetcher)
-            local = {ln: work.get_submodule(ln) for ln in per_block[i]}
-            with _SharedInputHessians(local, options.device) as acc:
-                for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-                    out = work(h.to(options.device), **kw)
-                    hidden[b] = block_output(out).to(torch.float32)
-                    acc.end_batch()
-            for ln, full in per_block[i].items():
-                weight, hessian = local[ln].weight, acc.hessian(ln)
-                if options.rotation_seed is not None:
-                    rotation = InputRotation.for_site(weight.shape[1], options.rotation_seed,
-                                                      rotation_site(full))
-                    weight = rotation.apply(weight.detach().float())
-                    hessian = rotation.rotate_hessian(hessian)
-                damages[full] = candidate_damages(weight, hessian, candidates, sym, kind,
-                                                  channel_weights.get(full))
-            del acc, work, local
-            advance(1)
-    return damages
+    result = run_blockwise(
+        model, list(names), input_ids,
+        _BlockDamages(candidates, sym, kind, options, channel_weights),
+        PipelineOptions(batch_size=options.batch_size, device=options.device,
+                        refusal="mixed_precision measures the linears of decoder blocks; "
+                                "'{name}' is not one (skip it with the quantizer's 'skip' "
+                                "setting)"))
+    return {name: facts["damages"] for name, facts in result.details.items()}
 
 
 def measure_sensitivity(model: torch.nn.Module, names: Sequence[str],

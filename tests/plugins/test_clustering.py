@@ -262,32 +262,6 @@ def test_compensation_refuses_linears_outside_decoder_blocks(tiny_llama) -> None
         quantizer.quantize(tiny_llama, plan, calib)
 
 
-class _BufferReusingBlock(torch.nn.Module):
-    """A block that writes two different inputs into one buffer in turn (as a caching
-    allocator may hand a freed tensor's memory to the next one): same data pointer and shape,
-    different tensors and contents."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        buffer = torch.empty_like(h)
-        buffer.copy_(h * 2)
-        x = buffer.view(h.shape)
-        first = self.a(x) + self.b(x)  # a and b read one tensor: one stage
-        buffer.copy_(first.relu())  # the memory now holds another activation
-        return self.c(buffer.view(h.shape))
-
-
-def test_stages_follow_tensor_identity_not_reused_memory() -> None:
-    from quantmill.plugins.quantizers.blockwise import find_stages
-
-    block = _BufferReusingBlock()
-    planned = {"a": block.a, "b": block.b, "c": block.c}
-    assert find_stages(block, planned, torch.randn(2, 3, 8), {}, "block") == [["a", "b"], ["c"]]
-
-
 def test_clustering_does_not_depend_on_what_ran_before(tiny_llama) -> None:
     """The stages (and so each linear's Hessian) are the same in a fresh process and after
     another quantizer ran: found by tensor identity, not by where the allocator put inputs."""

@@ -8,11 +8,11 @@ import torch
 
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
-    HessianAccumulator,
     gptq_quantize,
     group_params,
     hessian_error,
 )
+from quantmill.plugins.quantizers.hessian import HessianAccumulator
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 
 

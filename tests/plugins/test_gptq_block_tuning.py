@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantmill.plugins.base import CalibrationSet, LoadedModel, ModuleQuantSpec, QuantPlan
+from quantmill.plugins.blockwise.pipeline import PipelineOptions, run_blockwise
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.formats.gptq import write_gptq_checkpoint
 from quantmill.plugins.models.modules import block_output, quantizable_linears
@@ -25,13 +26,7 @@ from quantmill.plugins.quantizers.gptq.block_tuning import (
     round_ste,
     tune_block,
 )
-from quantmill.plugins.quantizers.gptq.layerwise import (
-    BLOCK_LINEARS,
-    BlockQuantizer,
-    LayerwiseOptions,
-    Workspace,
-    capture_block_inputs,
-)
+from quantmill.plugins.quantizers.gptq.layerwise import GPTQBlocks, LayerwiseOptions
 from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 
@@ -205,36 +200,44 @@ def test_steps_slice_per_sample_arguments_only() -> None:
 
 
 def test_block_stream_targets_and_tuned_outputs(tiny_llama, calib_ids) -> None:
-    """In the layer-by-layer pass: the targets are the float model's hidden states, and after
+    """In the block-wise pass: the targets are the float model's hidden states, and after
     a kept tuning the stream holds the tuned block's outputs (what the next block must see)."""
     ids = calib_ids[:8, :32]
     model = tiny_llama
-    first = model.model.layers[0]
-    options = LayerwiseOptions(activation_cache=torch.float32,
+    options = LayerwiseOptions(activation_cache=torch.float32, batch_size=4,
                                tuning=TuningSettings(epochs=4, lr=3e-3))
-    workspace = Workspace.allocate(ids, first, options.device, options.activation_cache)
-    hidden, kwargs = capture_block_inputs(model, first, ids, 4, options.device,
-                                          into=workspace.hidden)
-    kwargs = [{k: v for k, v in kw.items() if k not in ("use_cache", "past_key_values")}
-              for kw in kwargs]
-    specs = {n: ModuleQuantSpec(3, 32, False, "gptq") for n in BLOCK_LINEARS}
-    quantizer = BlockQuantizer(first, specs, options, "model.layers.0")
-    targets = [h.clone() for h in hidden]
-    quantizer.forward_in_place(targets, kwargs)
+    seen: dict[str, object] = {}
+
+    class Watched(GPTQBlocks):
+        def before_block(self, block):
+            if block.index == 0:
+                seen["inputs"] = [h.clone() for h in block.hidden]
+            super().before_block(block)
+            if block.index == 0:
+                seen["targets"] = [t.clone() for t in self.float_stream]
+
+        def after_block(self, block):
+            super().after_block(block)
+            if block.index == 0:
+                seen.update(outcome=block.outcome, kwargs=block.kwargs,
+                            outputs=[h.clone() for h in block.hidden])
+
+    plan = {n: ModuleQuantSpec(3, 32, False, "gptq") for n in quantizable_linears(model)
+            if n.startswith("model.layers.0.")}
+    run_blockwise(model, list(plan), ids, Watched(plan, options), PipelineOptions(batch_size=4))
     with torch.no_grad():
         reference = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
-    assert torch.allclose(torch.cat(targets), reference, atol=1e-5)
-    inputs = [h.clone() for h in hidden]
-    result = quantizer.run(hidden, kwargs, workspace)
-    quantizer.tune(inputs, targets, kwargs, hidden)
-    assert result.tuning is not None and result.tuning.kept
-    tuned_block = copy.deepcopy(first)
+    assert torch.allclose(torch.cat(seen["targets"]), reference, atol=1e-5)
+    outcome = seen["outcome"]
+    assert outcome.block_details["tuning"]["kept"]
+    tuned_block = copy.deepcopy(model.model.layers[0])
     with torch.no_grad():
-        for name, qw in result.weights.items():
-            tuned_block.get_submodule(name).weight.copy_(qw.dequantize())
+        for name, qw in outcome.weights.items():
+            local = name.removeprefix("model.layers.0.")
+            tuned_block.get_submodule(local).weight.copy_(qw.dequantize())
         expected = [block_output(tuned_block(x, **kw))
-                    for x, kw in zip(inputs, kwargs, strict=True)]
-    assert torch.allclose(torch.cat(hidden), torch.cat(expected), atol=1e-5)
+                    for x, kw in zip(seen["inputs"], seen["kwargs"], strict=True)]
+    assert torch.allclose(torch.cat(seen["outputs"]), torch.cat(expected), atol=1e-5)
 
 
 def test_tuned_norms_reach_the_checkpoint(tiny_llama, calib_ids, tmp_path: Path) -> None:

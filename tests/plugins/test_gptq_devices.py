@@ -18,10 +18,10 @@ from quantmill.plugins.base import CalibrationSet, QuantPlan
 from quantmill.plugins.models.modules import quantizable_linears
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
-    HessianAccumulator,
     gptq_quantize,
 )
 from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
+from quantmill.plugins.quantizers.hessian import HessianAccumulator
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 

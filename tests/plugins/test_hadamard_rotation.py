@@ -18,7 +18,6 @@ from quantmill.plugins.hadamard import (
 )
 from quantmill.plugins.quantizers.gptq.algorithm import (
     GPTQSettings,
-    HessianAccumulator,
     gptq_quantize,
     hessian_error,
 )
@@ -28,6 +27,7 @@ from quantmill.plugins.quantizers.gptq.block_tuning import (
     tune_block,
 )
 from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
+from quantmill.plugins.quantizers.hessian import HessianAccumulator
 from quantmill.plugins.quantizers.rtn.algorithm import quantize_groups
 from quantmill.plugins.quantizers.rtn.plugin import RTNQuantizer
 

@@ -4,7 +4,7 @@ like.
 ``input_second_moments``: one pass of the unmodified model with forward pre-hooks on the planned
 linears, accumulating mean x_j**2 per input column (the Hessian diagonal up to a factor of 2) in
 float64, streaming batch by batch. Works for any architecture. (With ``compensate``, clustering
-runs block by block with full stage Hessians: ``quantizers/blockwise.py``.)
+runs block by block with full stage Hessians: ``plugins/blockwise``.)
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.models.decoder import StopForward
 from quantmill.plugins.progress import progress_bar
-from quantmill.plugins.quantizers.blockwise import StopForward
 
 
 @torch.inference_mode()

@@ -53,11 +53,17 @@ from quantmill.plugins.base import (
     Quantizer,
     QuantPlan,
 )
+from quantmill.plugins.blockwise.pipeline import (
+    PipelineOptions,
+    StageFunction,
+    StageOutcome,
+    run_blockwise,
+)
+from quantmill.plugins.blockwise.resume import WorkArea
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models.modules import DEFAULT_SKIP, loaded_linears
 from quantmill.plugins.progress import progress_bar
-from quantmill.plugins.quantizers.blockwise import quantize_blockwise
 from quantmill.plugins.quantizers.clustering.algorithm import (
     CODEBOOK_BITS,
     cluster_weight,
@@ -120,8 +126,13 @@ class ClusteringQuantizer(Quantizer):
     def skip_patterns(self) -> list[str]:
         return list(self.config.skip)
 
+    @property
+    def resumable(self) -> bool:  # type: ignore[override]
+        return self.config.compensate  # only the block-wise pass has blocks to resume
+
     def quantize(
-        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None
+        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None,
+        work_area: WorkArea | None = None,
     ) -> QuantizationResult:
         c = self.config
         for name, spec in plan.modules.items():
@@ -136,9 +147,11 @@ class ClusteringQuantizer(Quantizer):
         device = model.get_input_embeddings().weight.device
         if c.compensate:
             assert calibration is not None
-            weights, layers = self._compensated(model, plan, calibration, device)
+            weights, layers, resumed_at = self._compensated(model, plan, calibration, device,
+                                                            work_area)
         else:
             weights, layers = self._kmeans_only(modules, plan, calibration, model, device)
+            resumed_at = 0
         for name, cw in weights.items():
             bias = modules[name].bias
             if bias is not None:
@@ -154,7 +167,8 @@ class ClusteringQuantizer(Quantizer):
         }
         if c.compensate:
             details.update(rounds=c.rounds, refit_codebook=c.refit_codebook,
-                           act_order=c.act_order, damp_percent=c.damp_percent)
+                           act_order=c.act_order, damp_percent=c.damp_percent,
+                           resumed_at_block=resumed_at)
         if calibration is not None and self.needs_calibration:
             details["calibration_tokens"] = int(calibration.input_ids.numel())
         return QuantizationResult(weights=weights, plan=plan, details=details)
@@ -184,18 +198,17 @@ class ClusteringQuantizer(Quantizer):
 
     def _compensated(
         self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet,
-        device: torch.device,
-    ) -> tuple[dict[str, ClusteredWeight], dict[str, dict[str, float]]]:
+        device: torch.device, work_area: WorkArea | None = None,
+    ) -> tuple[dict[str, ClusteredWeight], dict[str, dict[str, float]], int]:
         c = self.config
-        layers: dict[str, dict[str, float]] = {}
 
         def quantize_stage(names: list[str], linears: list[torch.nn.Linear],
-                           hessian: torch.Tensor) -> dict[str, ClusteredWeight]:
+                           hessian: torch.Tensor) -> StageOutcome:
             prepared = prepare_hessian(hessian, c.damp_percent, c.act_order)
             by_bits: dict[int, list[int]] = {}
             for i, name in enumerate(names):
                 by_bits.setdefault(plan.modules[name].bits, []).append(i)
-            done: dict[str, ClusteredWeight] = {}
+            done = StageOutcome()
             for bits, members in by_bits.items():
                 clustered = compensated_cluster(
                     [linears[i].weight for i in members], bits, prepared,
@@ -203,16 +216,23 @@ class ClusteringQuantizer(Quantizer):
                     seed=c.seed, rounds=c.rounds, refit=c.refit_codebook,
                     block_size=c.block_size)
                 for i, cw in zip(members, clustered, strict=True):
-                    done[names[i]] = cw
+                    done.weights[names[i]] = cw
                     w = linears[i].weight.detach().clone()
                     w[:, prepared.dead] = 0.0
-                    layers[names[i]] = {"bits": bits, "damp_used": prepared.damp_used,
-                                        "hessian_error": hessian_error(w, cw, prepared.hessian)}
+                    done.details[names[i]] = {
+                        "bits": bits, "damp_used": prepared.damp_used,
+                        "hessian_error": hessian_error(w, cw, prepared.hessian)}
             return done
 
-        weights = quantize_blockwise(model, list(plan.modules), calibration.input_ids,
-                                     c.batch_size, device, quantize_stage)
-        return weights, layers
+        result = run_blockwise(
+            model, list(plan.modules), calibration.input_ids,
+            StageFunction("clustering", quantize_stage),
+            PipelineOptions(batch_size=c.batch_size, device=device,
+                            refusal="clustering with compensate quantizes linears inside "
+                                    "decoder blocks; '{name}' is not one (skip it, or set "
+                                    "compensate: false)"),
+            work_area)
+        return result.weights, result.details, result.resumed_at
 
 
 @hookimpl

@@ -65,6 +65,7 @@ from quantmill.plugins.base import (
     QuantizationResult,
     QuantPlan,
 )
+from quantmill.plugins.blockwise.resume import WorkArea
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
@@ -105,6 +106,7 @@ class GPTQQuantizer(RTNQuantizer):
     Config = GPTQConfig
     needs_calibration = True
     accepts_deferred_weights = True
+    resumable = True
 
     def __init__(self, config: PluginConfig | None = None) -> None:
         super().__init__(config)
@@ -116,7 +118,8 @@ class GPTQQuantizer(RTNQuantizer):
                 "'rtn' needs none)")
 
     def quantize(
-        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None
+        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None,
+        work_area: WorkArea | None = None,
     ) -> QuantizationResult:
         if calibration is None:
             raise QuantmillError("gptq needs a calibration set")
@@ -129,7 +132,8 @@ class GPTQQuantizer(RTNQuantizer):
                                    activation_cache=getattr(torch, c.activation_cache),
                                    tuning=TuningSettings(**c.block_tuning.model_dump()),
                                    rotation_seed=c.rotation_seed_or_none, device=device)
-        out = quantize_model_layerwise(model, plan.modules, calibration.input_ids, options)
+        out = quantize_model_layerwise(model, plan.modules, calibration.input_ids, options,
+                                       work_area)
         details = {
             "method": self.name,
             "damp_percent": c.damp_percent,
@@ -142,6 +146,7 @@ class GPTQQuantizer(RTNQuantizer):
             "block_tuning": c.block_tuning.model_dump(),
             "rotation": c.rotation,
             "rotation_seed": c.rotation_seed_or_none,
+            "resumed_at_block": out.resumed_at,
             "layers": {name: {"damp_used": s.damp_used, "dead_inputs": s.dead_inputs,
                               "hessian_error": s.hessian_error}
                        for name, s in out.stats.items()},

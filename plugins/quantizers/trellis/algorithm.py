@@ -1,6 +1,6 @@
 """Trellis quantization of one linear layer (QTIP-style, with LDLQ error feedback): pure tensor
-functions (``plugin.py`` runs them layer by layer; ``bench/trellis_experiment.py`` is the
-experiment they came from).
+functions (``plugin.py`` runs them layer by layer;
+``bench/experiments/trellis_experiment.py`` is the experiment they came from).
 
 The weight ``W`` [rows, cols] (in the rotated basis, ``plugins/hadamard.py``: close to Gaussian)
 is coded as ``W[r, c] = row_scale[r] * col_scale[c] * table[state]``:

@@ -3,7 +3,8 @@
 Why a trellis: a scalar grid spends its bits weight by weight; a trellis code spends them on a
 whole sequence, and gets much closer to the Gaussian rate-distortion bound. On incoherent
 (rotated, ``plugins/hadamard.py``) weights, which are close to Gaussian, that is worth most of a
-bit at 2-4 bits per weight: measured with ``bench/trellis_experiment.py`` on SmolLM2-135M (H100,
+bit at 2-4 bits per weight: measured with ``bench/experiments/trellis_experiment.py`` on
+SmolLM2-135M (H100,
 bench/results/trellis-cuda-experiments.json), a 3-bit trellis (3.05 bits per weight) gives
 perplexity 28.55 where GPTQ 3-bit g128 (3.21) gives 33.72, and mixed precision at 3.5 bits per
 weight 27.21 to 27.36 (L = 16 to 10), below uniform 4-bit GPTQ's 27.59.

@@ -24,12 +24,13 @@ torch: correct everywhere, not fast (no fused kernel).
 Measured on SmolLM2-135M: this plugin, mixed precision at 3.5 bits per weight, state_bits 12,
 the quantmill-trellis checkpoint on 2 CPU cores: 27.15 perplexity, below uniform 4-bit GPTQ's
 27.59 at 4.21 bits (bench/results/trellis-product-cpu.json). The experiment it came from
-(bench/trellis_experiment.py, H100): 3.05 bits per weight 28.55 (GPTQ 3-bit g128: 33.72).
+(bench/experiments/trellis_experiment.py, H100): 3.05 bits per weight 28.55 (GPTQ 3-bit
+g128: 33.72).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -42,16 +43,21 @@ from quantmill.plugins.base import (
     Quantizer,
     QuantPlan,
 )
+from quantmill.plugins.blockwise.pipeline import (
+    PipelineOptions,
+    StageFunction,
+    StageOutcome,
+    run_blockwise,
+)
+from quantmill.plugins.blockwise.resume import WorkArea
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hadamard import InputRotation, rotation_site
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred
 from quantmill.plugins.models.modules import DEFAULT_SKIP
-from quantmill.plugins.quantizers.blockwise import quantize_blockwise
 from quantmill.plugins.quantizers.gptq.algorithm import prepare_hessian
 from quantmill.plugins.quantizers.trellis.algorithm import (
     TrellisSettings,
-    TrellisWeight,
     quantize_trellis,
 )
 from quantmill.plugins.quantizers.trellis.code import MAX_STATE_BITS, Trellis, make_trellis
@@ -86,6 +92,7 @@ class TrellisQuantizer(Quantizer):
     name = "trellis"
     Config = TrellisConfig
     needs_calibration = True
+    resumable = True
     weight_kind: ClassVar[str] = "trellis"
 
     def calibration_reason(self) -> str:
@@ -101,7 +108,8 @@ class TrellisQuantizer(Quantizer):
         return list(self.config.skip)
 
     def quantize(
-        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None
+        self, model: torch.nn.Module, plan: QuantPlan, calibration: CalibrationSet | None,
+        work_area: WorkArea | None = None,
     ) -> QuantizationResult:
         if calibration is None:
             raise QuantmillError("trellis needs a calibration set")
@@ -110,10 +118,9 @@ class TrellisQuantizer(Quantizer):
                                    scale_candidates=c.scale_candidates,
                                    refit_scales=c.refit_scales)
         trellises: dict[int, Trellis] = {}
-        layers: dict[str, dict[str, Any]] = {}
 
         def quantize_stage(names: list[str], linears: list[torch.nn.Linear],
-                           hessian: torch.Tensor) -> dict[str, TrellisWeight]:
+                           hessian: torch.Tensor) -> StageOutcome:
             rotation = InputRotation.for_site(hessian.shape[0], c.rotation_seed,
                                               rotation_site(names[0]))
             prepared = prepare_hessian(rotation.rotate_hessian(hessian), c.damp_percent,
@@ -121,7 +128,7 @@ class TrellisQuantizer(Quantizer):
             by_bits: dict[int, list[int]] = {}
             for i, name in enumerate(names):
                 by_bits.setdefault(plan.modules[name].bits, []).append(i)
-            done: dict[str, TrellisWeight] = {}
+            done = StageOutcome()
             for bits, members in by_bits.items():
                 if bits >= c.state_bits:
                     raise QuantmillError(f"trellis: module '{names[members[0]]}' is planned at "
@@ -140,17 +147,21 @@ class TrellisQuantizer(Quantizer):
                     weight.input_rotation = rotation
                     if linears[i].bias is not None:
                         weight.bias = linears[i].bias.detach().cpu().clone()
-                    done[names[i]] = weight
-                    layers[names[i]] = {"bits": bits, "damp_used": prepared.damp_used,
-                                        "multiplier": stats.multiplier}
-                for name in (names[i] for i in members):
-                    layers[name]["stack_hessian_error"] = stats.hessian_error
+                    done.weights[names[i]] = weight
+                    done.details[names[i]] = {"bits": bits, "damp_used": prepared.damp_used,
+                                              "multiplier": stats.multiplier,
+                                              "stack_hessian_error": stats.hessian_error}
             return done
 
         device = deferred.model_device(model)
-        weights = quantize_blockwise(model, list(plan.modules), calibration.input_ids,
-                                     c.batch_size, device, quantize_stage, method="trellis",
-                                     fallback="skip the modules outside decoder blocks")
+        result = run_blockwise(
+            model, list(plan.modules), calibration.input_ids,
+            StageFunction("trellis", quantize_stage),
+            PipelineOptions(batch_size=c.batch_size, device=device,
+                            refusal="trellis quantizes linears inside decoder blocks; "
+                                    "'{name}' is not one (skip it)"),
+            work_area)
+        weights, layers = result.weights, result.details
         stored = sum(w.stored_bits() + (w.input_rotation.stored_bits() if w.input_rotation
                                         else 0) for w in weights.values())
         numel = sum(w.out_features * w.in_features for w in weights.values())
@@ -159,7 +170,8 @@ class TrellisQuantizer(Quantizer):
                    "table_seed": c.table_seed, "rotation": "hadamard",
                    "rotation_seed": c.rotation_seed, "damp_percent": c.damp_percent,
                    "calibration_tokens": int(calibration.input_ids.numel()),
-                   "trellis_bits_per_weight": stored / max(numel, 1), "layers": layers}
+                   "trellis_bits_per_weight": stored / max(numel, 1), "layers": layers,
+                   "resumed_at_block": result.resumed_at}
         return QuantizationResult(weights=weights, plan=plan, details=details)
 
 

@@ -1,4 +1,9 @@
-"""Experiment (not a product feature): does a QTIP-style trellis-coded quantizer on rotated
+"""Frozen at commit 1963e47: run it from a checkout of that commit (it imports the block
+walker of the time, since replaced by ``plugins/blockwise``); results in
+bench/results/trellis-cuda-experiments.json. The trellis quantizer it led to is
+``plugins/quantizers/trellis``.
+
+Experiment (not a product feature): does a QTIP-style trellis-coded quantizer on rotated
 weights bring SmolLM2-135M at 3.5 average bits to uniform 4-bit GPTQ's perplexity?
 
 Why it exists: issue #4 asks mixed precision at 3.5 bits per weight to match uniform 4-bit GPTQ
@@ -87,8 +92,8 @@ Other keys: ``L`` (16), ``T`` (64), ``block`` (8), ``tailbite`` (true), ``weight
 ``seed`` (rotation, 0), ``table_seed`` (0), ``quantizer`` (GPTQ options the allocator plans with
 and 8-bit modules use; default the recommended act-order/static-groups/mse-clip/damp 0.001).
 
-    python -u bench/trellis_experiment.py --self-test            # CPU checks, ~5 s
-    python -u bench/trellis_experiment.py --device cuda --out /tmp/trellis.json \\
+    python -u bench/experiments/trellis_experiment.py --self-test            # CPU checks, ~5 s
+    python -u bench/experiments/trellis_experiment.py --device cuda --out /tmp/trellis.json \\
         --config 'k3={"bits": 3, "L": 16, "T": 64}' \\
         --config 'm35={"allocator": "mixed_precision", "allocator_options": {"avg_bits": 3.5},
                        "L": 16}'
