@@ -47,10 +47,14 @@ class S3BlockStore:
 
 
 def work_area_keys(client: Any, bucket: str, root: str) -> list[str]:
-    """The keys of the work areas under ``root`` (``<prefix>/work/``)."""
+    """The keys of the work areas under ``root`` (``<prefix>/work/``) that hold objects
+    (servers with a file-system underneath, SeaweedFS among them, keep listing a prefix as a
+    folder after its last object is deleted)."""
     paginator = client.get_paginator("list_objects_v2")
     found: set[str] = set()
     for page in paginator.paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
         for common in page.get("CommonPrefixes", []):
-            found.add(common["Prefix"][len(root):].rstrip("/"))
+            inside = client.list_objects_v2(Bucket=bucket, Prefix=common["Prefix"], MaxKeys=1)
+            if inside.get("KeyCount", len(inside.get("Contents", []))):
+                found.add(common["Prefix"][len(root):].rstrip("/"))
     return sorted(found)

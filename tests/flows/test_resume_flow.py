@@ -70,11 +70,31 @@ def _run(recipe: Path, home: Path, failpoint: str | None = None) -> subprocess.C
     return subprocess.CompletedProcess(child.args, code, out.read_text(), err.read_text())
 
 
+def test_work_clean_removes_what_an_interrupted_job_left(quantmill_home: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantmill.storage.local import LocalStorage
+
+    storage = LocalStorage()
+    for key in ("a1" * 32, "b2" * 32):
+        storage.work_area(key).write("index.json", b'{"last_block": 4}')
+    runner = CliRunner()
+    refused = runner.invoke(app, ["work", "clean"])
+    assert refused.exit_code == 2 and "pass --all" in refused.stderr
+    assert runner.invoke(app, ["work", "clean", "a1a1"]).exit_code == 0
+    assert storage.work_area_keys() == ["b2" * 32]
+    assert runner.invoke(app, ["work", "clean", "--all"]).exit_code == 0
+    assert storage.work_area_keys() == []
+
+
 def _checkpoint_sha(home: Path) -> str:
     os.environ["QUANTMILL_HOME"] = str(home)
     with Registry.open() as reg:
         (checkpoint,) = reg.list_artifacts(kind="checkpoint")
     return checkpoint.sha256
+
+
+def _outputs(reg: Registry, run_id: int) -> set[int]:
+    return {edge.artifact_id for edge in reg.run_edges(run_id) if edge.direction == "output"}
 
 
 METHODS = {
@@ -101,11 +121,48 @@ def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
     listing = CliRunner().invoke(app, ["work", "list"], env={"COLUMNS": "200"})
     assert area.name[:16] in listing.stdout and "0-2" in listing.stdout
 
+    # another calibration seed is another job: it starts from block 0 and leaves the
+    # interrupted job's area alone
+    reseeded = _run(_recipe(tiny_recipe, six_block_model, METHODS[method], seed=1,
+                            file="seed1.yaml"), quantmill_home)
+    assert reseeded.returncode == 0, reseeded.stderr[-3000:]
+    assert "resuming" not in reseeded.stderr
+    assert [p.name for p in work.iterdir()] == [area.name]
+
     rerun = _run(recipe, quantmill_home)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming at block 3 of {BLOCKS}" in rerun.stderr
-    assert _checkpoint_sha(quantmill_home) == expected
-    assert not any(work.iterdir())  # registered: the finished blocks are gone
     with Registry.open() as reg:
-        (done,) = reg.list_runs(kind="quantization", status="succeeded")
-    assert done.details["quantizer"]["resumed_at_block"] == 3
+        runs = reg.list_runs(kind="quantization", status="succeeded")
+        produced = _outputs(reg, runs[0].id)  # newest first: the resumed run
+        (checkpoint,) = [a for a in reg.list_artifacts(kind="checkpoint") if a.id in produced]
+    assert [r.details["quantizer"]["resumed_at_block"] for r in runs] == [3, 0]
+    assert checkpoint.sha256 == expected
+    assert not any(work.iterdir())  # registered: the finished blocks are gone
+
+
+def test_the_work_area_key_changes_with_every_input_of_a_block(monkeypatch) -> None:
+    """Calibration, quantizer settings, the plan, the base model and quantmill's version all
+    change the key, so a rerun with any of them changed starts from block 0."""
+    import torch
+
+    from quantmill.flows import runtime, work
+    from quantmill.plugins.base import QuantPlan
+    from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
+
+    def key(base="a" * 64, calibration="c" * 64, bits=4, damp=0.01, plan_bits=4):
+        quantizer = GPTQQuantizer.from_options({"bits": bits, "damp_percent": damp})
+        spec = quantizer.default_spec()
+        plan = QuantPlan({"model.layers.0.mlp.down_proj":
+                          type(spec)(plan_bits, spec.group_size, spec.sym, spec.method)})
+        return work.fingerprint(base, calibration, quantizer, plan, torch.device("cpu"))
+
+    reference = key()
+    assert key() == reference
+    changed = [key(base="b" * 64), key(calibration="d" * 64), key(bits=3), key(damp=0.02),
+               key(plan_bits=3)]
+    assert len({reference, *changed}) == 6
+    real = runtime._version
+    monkeypatch.setattr(runtime, "_version",
+                        lambda name: "0.0.0-other" if name == "quantmill" else real(name))
+    assert key() != reference

@@ -397,3 +397,27 @@ def test_listed_parts_are_matched_by_checksum_or_etag() -> None:
     assert not listed_part_matches({"ETag": f'"{md5}"'}, data + b"!")
     assert listed_part_matches({"ETag": '"whatever-2"', "ChecksumSHA256": sha}, data)
     assert not listed_part_matches({"ETag": f'"{md5}"', "ChecksumSHA256": sha}, b"other")
+
+
+def test_work_area_objects_in_s3(s3_env, s3_storage) -> None:
+    """A resumable job's work area as objects under <prefix>/work/<key>/: whole writes,
+    reads of what is there (None otherwise), listing by key, removal."""
+    store = s3_storage()
+    key = "ab" * 32
+    area = store.work_area(key)
+    assert area.read("index.json") is None
+    area.write("index.json", b"{}")
+    area.write("block-00000.safetensors", b"x" * 1000)
+    assert area.read("block-00000.safetensors") == b"x" * 1000
+    assert store.work_area_keys() == [key]
+    raw = _raw_client(s3_env)
+    listed = raw.list_objects_v2(Bucket="quantmill-tests",
+                                 Prefix=f"{store.config.prefix}/work/{key}/")["Contents"]
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listed) == ["block-00000.safetensors",
+                                                                  "index.json"]
+    area.remove("block-00000.safetensors")
+    assert area.read("block-00000.safetensors") is None
+    area.clear()
+    assert store.work_area_keys() == []
+    with pytest.raises(ValueError, match="not a work-area key"):
+        store.work_area("../../blobs")
