@@ -139,6 +139,12 @@ def _load_support(name: str):
 
 
 @pytest.fixture(scope="session")
+def run_quantmill():
+    """``run_quantmill(recipe, home, failpoint=None)``: ``quantmill run`` as a real process."""
+    return _load_support("quantmill_process").run_quantmill
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 server (SeaweedFS) on free loopback ports for the whole test session, with
     one bucket; stopped at the end."""

@@ -3,6 +3,7 @@ windows. Checks the numbers are those of a real 4-bit model, not just that the j
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -101,3 +102,30 @@ def test_demo_model_on_s3(quantmill_home: Path, demo_model: Path, tmp_path: Path
     from quantmill.plugins.hashing import sha256_path
 
     assert sha256_path(download)[0] == ckpt.sha256
+
+
+def test_demo_gptq_killed_halfway_resumes_with_the_same_checkpoint(
+        quantmill_home: Path, demo_model: Path, tmp_path: Path, run_quantmill) -> None:
+    """The GPTQ example recipe on SmolLM2-135M, SIGKILLed after block 14 of 30: the rerun
+    continues at block 15 and writes the checkpoint an uninterrupted run writes."""
+    recipe = _example("smollm2-gptq-w4g128.yaml", quantmill_home, demo_model)
+    recipe["evaluation"] = [{"evaluator": "size"}]
+    path = tmp_path / "gptq.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    whole = tmp_path / "uninterrupted"
+    (whole / "models").mkdir(parents=True)
+    (whole / "models" / demo_model.name).symlink_to(quantmill_home / "models" / demo_model.name)
+    assert run_quantmill(path, whole).returncode == 0
+
+    killed = run_quantmill(path, quantmill_home, failpoint="kill-after-block:14")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    rerun = run_quantmill(path, quantmill_home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming at block 15 of 30" in rerun.stderr
+    shas = []
+    for home in (whole, quantmill_home):
+        os.environ["QUANTMILL_HOME"] = str(home)  # restored by the quantmill_home fixture
+        with Registry.open() as reg:
+            (checkpoint,) = reg.list_artifacts(kind="checkpoint")
+            shas.append(checkpoint.sha256)
+    assert shas[0] == shas[1]

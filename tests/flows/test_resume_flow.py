@@ -5,11 +5,8 @@ gone once the run is registered."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,27 +46,6 @@ def _recipe(tiny_recipe, model: Path, method: dict, seed: int = 0, file: str = "
                                else method["method"]})
 
 
-def _run(recipe: Path, home: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "QUANTMILL_HOME": str(home), "COLUMNS": "200"}
-    env.pop("QUANTMILL_DATABASE_URL", None)
-    env.pop("QUANTMILL_FAILPOINT", None)
-    if failpoint:
-        env["QUANTMILL_FAILPOINT"] = failpoint
-    # output to files, and the child in a process group of its own: a killed run cannot stop
-    # the Prefect server it started, which would hold pipes open and outlive the test
-    out, err = home.parent / f"{home.name}.out", home.parent / f"{home.name}.err"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, "-m", "quantmill.flows.cli", "run",
-                                  str(recipe)], env=env, stdout=stdout, stderr=stderr,
-                                 start_new_session=True)
-        try:
-            code = child.wait(timeout=600)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(child.args, code, out.read_text(), err.read_text())
-
-
 def test_work_clean_removes_what_an_interrupted_job_left(quantmill_home: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from quantmill.storage.local import LocalStorage
@@ -107,13 +83,13 @@ METHODS = {
 @pytest.mark.parametrize("method", ["gptq"])
 def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
         quantmill_home: Path, tmp_path: Path, tiny_recipe, six_block_model: Path,
-        monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, run_quantmill, method: str) -> None:
     recipe = _recipe(tiny_recipe, six_block_model, METHODS[method])
     whole_home = tmp_path / "uninterrupted"
-    assert _run(recipe, whole_home).returncode == 0
+    assert run_quantmill(recipe, whole_home).returncode == 0
     expected = _checkpoint_sha(whole_home)
 
-    killed = _run(recipe, quantmill_home, failpoint="kill-after-block:2")
+    killed = run_quantmill(recipe, quantmill_home, failpoint="kill-after-block:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     work = quantmill_home / "storage" / "work"
     (area,) = work.iterdir()
@@ -123,13 +99,13 @@ def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
 
     # another calibration seed is another job: it starts from block 0 and leaves the
     # interrupted job's area alone
-    reseeded = _run(_recipe(tiny_recipe, six_block_model, METHODS[method], seed=1,
+    reseeded = run_quantmill(_recipe(tiny_recipe, six_block_model, METHODS[method], seed=1,
                             file="seed1.yaml"), quantmill_home)
     assert reseeded.returncode == 0, reseeded.stderr[-3000:]
     assert "resuming" not in reseeded.stderr
     assert [p.name for p in work.iterdir()] == [area.name]
 
-    rerun = _run(recipe, quantmill_home)
+    rerun = run_quantmill(recipe, quantmill_home)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming at block 3 of {BLOCKS}" in rerun.stderr
     with Registry.open() as reg:
