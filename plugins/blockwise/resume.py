@@ -206,13 +206,11 @@ def decode(data: bytes) -> Any:
         header_length = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8:8 + header_length]).get("__metadata__", {})
         return _rebuild(json.loads(metadata["quantmill"]), tensors)
-    except (KeyError, TypeError, AttributeError, ImportError, json.JSONDecodeError,
-            UnicodeDecodeError) as exc:
-        raise ValueError(f"not a work-area object ({exc})") from None
-    except Exception as exc:  # safetensors' own errors for a truncated or damaged file
-        if isinstance(exc, ValueError):
-            raise
-        raise ValueError(f"damaged work-area object ({exc})") from None
+    except ValueError:
+        raise  # a refused class, or JSON that is not ours
+    except Exception as exc:  # missing keys, unknown names, safetensors' damaged-file errors
+        raise ValueError(f"not a usable work-area object ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def sha256_bytes(data: bytes) -> str:
