@@ -228,6 +228,15 @@ class RunListOut(BaseModel):
     offset: int
 
 
+class ReapedRunOut(BaseModel):
+    run: RunOut
+    reason: str
+
+
+class ReapOut(BaseModel):
+    items: list[ReapedRunOut]
+
+
 class LineageArtifactOut(ArtifactOut):
     depth: int
 

@@ -7,7 +7,7 @@ passed to ``quantmill.registry.queries`` as values, never spliced into SQL.
 """
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, status
@@ -20,6 +20,7 @@ from quantmill.flows.api_models import (
     ErrorOut,
     HealthOut,
     LineageOut,
+    ReapOut,
     RunDetailOut,
     RunIn,
     RunListOut,
@@ -193,7 +194,7 @@ def list_runs(
         min_length=1, max_length=max_length(RunRow.__table__, "job_id"), pattern=NO_NUL)] = None,
     kind: Annotated[str | None, Query(
         min_length=1, max_length=max_length(RunRow.__table__, "kind"), pattern=NO_NUL)] = None,
-    status: Literal["running", "succeeded", "failed"] | None = None,
+    status: Literal["running", "succeeded", "failed", "abandoned"] | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> dict[str, Any]:
@@ -265,3 +266,18 @@ def post_run(registry: RegistryDep, token: Writer, body: RunIn) -> dict[str, Any
     except ArtifactNotFound as exc:  # in a body, an unknown reference is invalid input
         raise InvalidRun(str(exc)) from None
     return _run_detail(registry, run.id)
+
+
+@writer.post("/runs/reap", response_model=ReapOut)
+def reap_runs(
+    registry: RegistryDep,
+    _token: Writer,
+    stale_after_s: Annotated[int, Query(
+        ge=60, le=7 * 24 * 3600,
+        description="A run whose heartbeat is older than this (seconds) counts as dead when "
+                    "its host is not this server's.")] = 600,
+) -> dict[str, Any]:
+    """Close every running run whose process is dead as ``abandoned`` (see ``quantmill
+    registry reap``), and list them with the reason."""
+    reaped = registry.reap(stale_after=timedelta(seconds=stale_after_s))
+    return {"items": [{"run": run.to_json(), "reason": reason} for run, reason in reaped]}

@@ -111,7 +111,7 @@ def run(
         hf_logging.disable_progress_bar()  # our own bars show the job's progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from quantmill.flows.compress import compress
+    from quantmill.flows.compress import run_job
     from quantmill.plugins.progress import use_sink
 
     console.print(f"[bold]quantmill[/] running [cyan]{job.recipe.name}[/] "
@@ -120,8 +120,7 @@ def run(
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         with use_sink(RichProgressSink(progress)):
-            summary = compress(job.recipe_text, str(recipe.resolve()), job.recipe.name,
-                               database_url)
+            summary = run_job(job, recipe, database_url)
     table = Table(title=f"{job.recipe.name}: base vs quantized")
     for column in ("evaluator", "metric", "base", "quantized", "delta"):
         table.add_column(column, justify="left" if column in ("evaluator", "metric") else "right")

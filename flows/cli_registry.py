@@ -393,6 +393,8 @@ def registry_verify(
         _echo_json(report.to_json())
     else:
         typer.echo(f"ledger: {report.entries} entries, head {report.head_hash}")
+        typer.echo("runs: " + (", ".join(f"{count} {status}" for status, count
+                                         in sorted(report.runs.items())) or "none"))
         if files:
             typer.echo(f"files: {report.files_checked} re-hashed")
         if report.problems:
@@ -407,3 +409,76 @@ def registry_verify(
             typer.echo("OK: the registry is intact")
     if not report.ok:
         raise typer.Exit(1)
+
+
+# --- runs and reap -------------------------------------------------------------------------
+
+
+class RunStatus(StrEnum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    abandoned = "abandoned"
+
+
+def _runs_table(title: str, runs: list[Any], reasons: list[str] | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "kind", "name", "status", "job", "host", "started", "error"):
+        table.add_column(column, overflow="fold")
+    for index, run in enumerate(runs):
+        error = reasons[index] if reasons else run.error
+        table.add_row(str(run.id), run.kind, run.name, run.status, run.job_id[:12], run.host,
+                      run.started_at.strftime("%Y-%m-%d %H:%M"), _fmt(error))
+    return table
+
+
+@registry_app.command("runs")
+@user_errors
+def registry_runs(
+    status: RunStatus | None = typer.Option(None, "--status", help="Only runs in this state."),
+    kind: str | None = typer.Option(None, help="Run kind (quantization, calibration, "
+                                               "evaluation...)."),
+    job: str | None = typer.Option(None, "--job", help="Only runs of this job id."),
+    limit: int = typer.Option(50, min=1, max=500, help="At most this many, newest first."),
+    as_json: bool = JsonOption,
+    database_url: str | None = DatabaseOption,
+) -> None:
+    """List runs, newest first: e.g. the abandoned ones (``--status abandoned``)."""
+    from quantmill.registry import Registry
+
+    with Registry.open(database_url) as reg:
+        runs = reg.list_runs(job_id=job, kind=kind, status=status.value if status else None,
+                             limit=limit)
+    if as_json:
+        _echo_json([run.to_json() for run in runs])
+        return
+    console.print(_runs_table(f"{len(runs)} run(s)", runs))
+
+
+@registry_app.command("reap")
+@user_errors
+def registry_reap(
+    stale_after: int = typer.Option(600, "--stale-after", min=60,
+                                    help="Seconds without a heartbeat after which a run on "
+                                         "another host counts as dead."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be closed."),
+    as_json: bool = JsonOption,
+    database_url: str | None = DatabaseOption,
+) -> None:
+    """Close runs whose process died as ``abandoned`` (append-only, with the reason). On this
+    host a dead process is certain at once; elsewhere its heartbeat must be stale."""
+    from datetime import timedelta
+
+    from quantmill.registry import Registry
+
+    with Registry.open(database_url) as reg:
+        reaped = reg.reap(stale_after=timedelta(seconds=stale_after), dry_run=dry_run)
+    if as_json:
+        _echo_json([{"run": run.to_json(), "reason": reason} for run, reason in reaped])
+        return
+    if not reaped:
+        typer.echo("no abandoned runs: every running run has a live process")
+        return
+    verb = "would close" if dry_run else "closed"
+    console.print(_runs_table(f"{verb} {len(reaped)} run(s) as abandoned",
+                              [run for run, _ in reaped], [reason for _, reason in reaped]))

@@ -29,19 +29,20 @@ def _storage(recipe: Path | None):  # noqa: ANN202 - a StorageBackend
 @work_app.command("list")
 @user_errors
 def work_list(recipe: Path | None = RecipeOption) -> None:
-    """Work areas of unfinished resumable jobs: whose, and how far each got."""
+    """Work areas of interrupted jobs: whose, and how far each got."""
     from quantmill.flows.work import summaries
 
     found = summaries(_storage(recipe))
     if not found:
         console.print("no work areas: no interrupted job is waiting to resume")
         return
-    table = Table("key", "recipe", "method", "job", "finished blocks")
+    table = Table("key", "recipe", "method", "job", "finished blocks", "stored checkpoint")
     for area in found:
-        done = "none readable" if area.last_block is None else f"0-{area.last_block}"
+        done = "none" if area.last_block is None else f"0-{area.last_block}"
         table.add_row(area.key[:16], str(area.about.get("recipe", "?")),
                       str(area.about.get("quantizer", "?")),
-                      str(area.about.get("job_id", "?"))[:12], done)
+                      str(area.about.get("job_id", "?"))[:12], done,
+                      (area.checkpoint_sha256 or "")[:16] or "-")
     console.print(table)
 
 

@@ -1,8 +1,11 @@
-"""The ``compress`` flow: calibrate -> quantize -> evaluate -> upload -> register.
+"""The ``compress`` flow: inputs -> calibrate -> measure base -> plan -> quantize -> measure
+checkpoint -> publish -> register.
 
-One straight line of tasks, each calling one plugin. A quantization run is opened in the registry
-before the work starts and closed in a single transaction at the end; if any step fails the run is
-marked failed, the staging directory is removed and no output artifact or metric is registered.
+One straight line of tasks, each calling one step of ``flows/tasks.py`` with the run's context
+(``flows/context.py``). A quantization run is opened in the registry once the base model is
+measured and closed in one transaction at the end; if any step fails the run is marked failed
+and no output artifact or metric is registered. What a rerun of an interrupted job skips is
+listed in ``flows/tasks.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from quantmill.flows import tasks
+from quantmill.flows.context import JobRef, RunContext
+from quantmill.flows.heartbeat import Heartbeat
+from quantmill.flows.recipe import Job
+from quantmill.flows.results import Calibration, Evaluation, Inputs
 from quantmill.flows.runtime import software_versions
-from quantmill.flows.tasks import JobRef
-from quantmill.plugins.manager import get_plugin_manager
 from quantmill.registry import RegistryError
 
 REPORT_KEY = re.compile(r"[^a-z0-9-]+")
@@ -33,8 +38,8 @@ log = logging.getLogger(__name__)
 class Notifier:
     """Calls the notification hooks; a failing listener is logged, never fatal to the job."""
 
-    def __init__(self) -> None:
-        self.pm = get_plugin_manager()
+    def __init__(self, ctx: RunContext) -> None:
+        self.pm = ctx.catalog.pm
 
     def __call__(self, hook: str, **kwargs: Any) -> None:
         try:
@@ -56,86 +61,92 @@ def stage(notify: Notifier, name: str, run_id: int | None) -> Iterator[None]:
            status="succeeded")
 
 
-def evaluation_table(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def evaluation_table(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
     """Rows of (evaluator, metric, base, quantized, delta) for the CLI and Prefect artifacts."""
     by_key: dict[tuple[str, str], dict[str, Any]] = {}
     for ev in evaluations:
-        for name, value in ev["metrics"].items():
-            row = by_key.setdefault((ev["evaluator"], name),
-                                    {"evaluator": ev["evaluator"], "metric": name,
+        for name, value in ev.metrics.items():
+            row = by_key.setdefault((ev.evaluator, name),
+                                    {"evaluator": ev.evaluator, "metric": name,
                                      "base": None, "quantized": None, "delta": None})
-            row[ev["target"]] = value
+            row[ev.target] = value
     for row in by_key.values():
         if row["base"] is not None and row["quantized"] is not None:
             row["delta"] = row["quantized"] - row["base"]
     return list(by_key.values())
 
 
-@flow(name="compress", flow_run_name="compress-{recipe_name}", log_prints=True)
-def compress(recipe_text: str, recipe_path: str, recipe_name: str,
-             database_url: str | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """Run one recipe end to end and return a summary (ids, URIs, evaluation table)."""
-    ref = JobRef(recipe_text, recipe_path, job_id or uuid.uuid4().hex, database_url)
-    job = ref.job()
-    notify = Notifier()
-    with stage(notify, "register-inputs", None):
-        inputs = tasks.register_inputs(ref)
-    with stage(notify, "calibrate", None):
-        calibration_id = tasks.calibrate(ref, inputs)
-
-    input_edges = [(inputs["base_model"], "base_model")]
-    if calibration_id is not None:
-        input_edges.append((calibration_id, "calibration_set"))
+def _input_edges(job: Job, inputs: Inputs,
+                 calibration: Calibration | None) -> list[tuple[int, str]]:
+    edges = [(inputs.base_model_id, "base_model")]
+    if calibration is not None:
+        edges.append((calibration.artifact_id, "calibration_set"))
     # evaluation data is read by the run but shapes no weight: its role says so, so lineage
     # shows an auditor every file the run touched without it passing for calibration data
     for evaluator in job.evaluators:
         for path in evaluator.data_files():
-            dataset = inputs["datasets"].get(str(path))
+            dataset = inputs.datasets.get(str(path))
             if dataset is not None:
-                input_edges.append((dataset, "evaluation_data"))
-    with ref.registry() as reg:
-        run = reg.start_run(
-            job_id=ref.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),
-            plugins=job.plugin_versions, versions=software_versions(),
-            flow_run_id=tasks._flow_run_id(), inputs=input_edges,
-        )
+                edges.append((dataset, "evaluation_data"))
+    return edges
+
+
+@flow(name="compress", flow_run_name="compress-{recipe_name}", log_prints=True)
+def compress(recipe_text: str, recipe_path: str, recipe_name: str,
+             database_url: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Run one recipe end to end and return a summary (ids, URIs, evaluation table)."""
+    ctx = RunContext.of(JobRef(recipe_text, recipe_path, job_id or uuid.uuid4().hex,
+                               database_url))
     try:
+        with Heartbeat(ctx.registry):
+            return _compress(ctx, recipe_name)
+    finally:
+        ctx.close()
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+
+
+def _compress(ctx: RunContext, recipe_name: str) -> dict[str, Any]:
+    job, reg = ctx.job, ctx.registry
+    notify = Notifier(ctx)
+    evaluators = range(len(job.evaluators))
+    for run, reason in reg.reap():  # e.g. this job's own earlier attempt, killed
+        log.warning("run %s (%s) closed as abandoned: %s", run.id, run.name, reason)
+    with stage(notify, "register-inputs", None):
+        inputs = tasks.register_inputs(ctx)
+    with stage(notify, "calibrate", None):
+        calibration = tasks.calibrate(ctx, inputs)
+    with stage(notify, "evaluate-base", None):
+        evaluations = [tasks.evaluate_base(ctx, inputs, index) for index in evaluators]
+    run = reg.start_run(
+        job_id=ctx.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),
+        plugins=job.plugin_versions, versions=software_versions(),
+        flow_run_id=tasks.flow_run_id(), inputs=_input_edges(job, inputs, calibration),
+    )
+    try:
+        with stage(notify, "plan", run.id):
+            plan = tasks.plan(ctx, calibration)
         with stage(notify, "quantize", run.id):
-            quantized = tasks.quantize(ref, inputs, calibration_id)
-        checkpoint_dir = quantized["checkpoint_dir"]
-        evaluations: list[dict[str, Any]] = []
+            quantized = tasks.quantize(ctx, inputs, calibration, plan)
         with stage(notify, "evaluate", run.id):
-            for index in range(len(job.evaluators)):
-                ev = tasks.evaluate(ref, index, inputs["base_model"], str(job.model_path),
-                                    None, None, reuse=True)
-                evaluations.append({**ev, "target": "base"})
-            for index in range(len(job.evaluators)):
-                # the model source named like the export format reads the checkpoint back
-                ev = tasks.evaluate(ref, index, None, checkpoint_dir, job.exporter.format_name,
-                                    checkpoint_dir, reuse=False)
-                evaluations.append({**ev, "target": "quantized"})
-        tasks.MODEL_CACHE.clear()
-        with stage(notify, "upload", run.id):
-            stored = tasks.upload(ref, checkpoint_dir)
+            evaluations += [tasks.evaluate_checkpoint(ctx, quantized, index)
+                            for index in evaluators]
+        ctx.models.clear()
+        with stage(notify, "publish", run.id):
+            published = tasks.publish(ctx, quantized)
         with stage(notify, "register", run.id):
-            checkpoint_id = tasks.register(ref, run.id, stored, quantized,
-                                           inputs["base_model"], evaluations,
-                                           inputs["datasets"])
-        tasks.clear_work_area(ref, quantized.get("work_area"))
+            checkpoint_id = tasks.register(ctx, run.id, inputs, plan, quantized, evaluations,
+                                           published)
+        tasks.clear_work_area(ctx, quantized.work_key)
     except BaseException as exc:
-        tasks.MODEL_CACHE.clear()
+        ctx.models.clear()
         try:
-            with ref.registry() as reg:
-                reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
+            reg.fail_run(run.id, f"{type(exc).__name__}: {exc}")
         except RegistryError:  # e.g. the run was already closed: keep the original error
             pass
         raise
-    finally:
-        shutil.rmtree(ref.work_dir, ignore_errors=True)
 
-    with ref.registry() as reg:
-        notify("artifact_recorded", artifact=reg.get_artifact(checkpoint_id).to_json(),
-               run_id=run.id)
+    notify("artifact_recorded", artifact=reg.get_artifact(checkpoint_id).to_json(),
+           run_id=run.id)
     table = evaluation_table(evaluations)
     create_table_artifact(
         key=REPORT_KEY.sub("-", f"compress-{recipe_name}".lower()).strip("-")[:100],
@@ -144,16 +155,24 @@ def compress(recipe_text: str, recipe_path: str, recipe_name: str,
                     f"(artifact {checkpoint_id}, run {run.id})",
     )
     return {
-        "job_id": ref.job_id,
+        "job_id": ctx.job_id,
         "run_id": run.id,
-        "base_model_id": inputs["base_model"],
-        "calibration_set_id": calibration_id,
+        "base_model_id": inputs.base_model_id,
+        "calibration_set_id": calibration.artifact_id if calibration else None,
         "checkpoint_id": checkpoint_id,
-        "checkpoint_uri": stored["uri"],
-        "checkpoint_sha256": stored["sha256"],
-        "quantize_seconds": quantized["quantize_seconds"],
+        "checkpoint_uri": quantized.checkpoint.uri,
+        "checkpoint_sha256": quantized.checkpoint.sha256,
+        "quantize_seconds": quantized.quantize_seconds,
+        "resumed_at_block": quantized.resumed_at_block,
         "table": table,
     }
+
+
+def run_job(job: Job, recipe_path: Path, database_url: str | None = None) -> dict[str, Any]:
+    """Run an already validated job through the flow (its resolved plugins are reused)."""
+    ref = JobRef(job.recipe_text, str(recipe_path.resolve()), uuid.uuid4().hex, database_url)
+    RunContext.of(ref, job)
+    return compress(ref.recipe_text, ref.recipe_path, job.recipe.name, database_url, ref.job_id)
 
 
 def run_recipe_file(path: Path, database_url: str | None = None) -> dict[str, Any]:
@@ -162,5 +181,4 @@ def run_recipe_file(path: Path, database_url: str | None = None) -> dict[str, An
     from quantmill.plugins.catalog import Catalog
     from quantmill.plugins.manager import get_plugin_manager
 
-    job = load_job(path, Catalog(get_plugin_manager()))
-    return compress(job.recipe_text, str(path.resolve()), job.recipe.name, database_url)
+    return run_job(load_job(path, Catalog(get_plugin_manager())), path, database_url)

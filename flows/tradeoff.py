@@ -10,9 +10,9 @@ rerun that skips points already measured reports them exactly as a fresh run wou
 * Rerunning a batch skips every point with a succeeded quantization run of the same recipe (the
   registry's ``recipe_sha256``) on the same base model (its content hash); ``rerun=True`` runs
   them again. Data files are matched by the path in the recipe, not by content.
-* Wall time is the registry run's duration (quantize, evaluate, upload, register; not the
-  calibration set, which later points reuse). The run that first measures the base model also
-  pays for that evaluation: its row says so (``measured_base``).
+* Wall time is the registry run's duration (plan, quantize, evaluate, publish, register; not
+  the calibration set or the base-model measurement, which later points reuse). The point whose
+  job first measured the base model says so (``measured_base``).
 * The reference row is the base model under the same evaluators; its size is its parameters at
   16 bits (the size of an fp16 checkpoint), because its source file may itself be compressed
   (the demo GGUF is Q4_1).
@@ -145,7 +145,7 @@ def point_row(reg: Registry, point: PlannedPoint, outcome: Outcome) -> dict[str,
         bits_per_weight=metrics.get("bits_per_weight"), wall_s=_seconds(run),
         quantize_s=run.details.get("quantize_seconds"),
         reused_sensitivity=bool(run.details.get("plan_details", {}).get("sensitivity_reused")),
-        measured_base=any(m.artifact_id == base for m in recorded),
+        measured_base=bool(run.details.get("measured_base")),
         protocols={m.evaluator: m.protocol.get("config") for m in recorded
                    if m.artifact_id == checkpoint},
     )

@@ -12,6 +12,11 @@ The area lives in the job's storage backend (``StorageBackend.work_area``: a fol
 local storage, objects under ``<prefix>/work/`` in S3), so a job retried on another machine
 resumes there too. It is removed once the job's run is registered.
 
+Besides the pipeline's finished blocks the area holds the flow's own record (``flow.json``):
+the checkpoint once it is exported and stored, and each measurement of it, so a job that dies
+after exporting (while evaluating, publishing or registering) neither quantizes nor measures
+again. A record is only trusted after the stored checkpoint it names is fetched intact.
+
 Fault injection for tests (and for trying resume by hand): ``QUANTMILL_FAILPOINT=
 kill-after-block:N`` makes the process SIGKILL itself right after block N is recorded, the
 same as a crash at that point.
@@ -28,11 +33,14 @@ from typing import Any
 
 import torch
 
+from quantmill.flows.results import Evaluation, QuantizeResult
 from quantmill.flows.runtime import software_versions
 from quantmill.plugins.base import Quantizer, QuantPlan, StorageBackend
 from quantmill.plugins.blockwise.resume import INDEX, WorkArea
 
 FAILPOINT = "QUANTMILL_FAILPOINT"
+#: the flow's record in a work area (the pipeline's objects are block-*, stream-*, index.json)
+FLOW_RECORD = "flow.json"
 
 
 def fingerprint(base_model_sha256: str, calibration_sha256: str | None, quantizer: Quantizer,
@@ -64,18 +72,66 @@ class FlowWorkArea(WorkArea):
 
     def record(self, index: int, outcome: Any, stream: Any) -> None:
         super().record(index, outcome, stream)
-        if os.environ.get(FAILPOINT, "") == f"kill-after-block:{index}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        failpoint(f"kill-after-block:{index}")
 
     def index_extra(self) -> dict[str, Any]:
         return {"about": self.about}
+
+    def _flow_record(self) -> dict[str, Any]:
+        raw = self.store.read(FLOW_RECORD)
+        try:
+            record = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            return {}
+        return record if isinstance(record, dict) and record.get("key") == self.key else {}
+
+    def _write_flow_record(self, record: dict[str, Any]) -> None:
+        record = {**record, "key": self.key, "about": self.about}
+        self.store.write(FLOW_RECORD, json.dumps(record, sort_keys=True).encode())
+
+    def recorded_checkpoint(self) -> QuantizeResult | None:
+        """The stored checkpoint an interrupted run of this quantization left, as recorded
+        (the caller checks that storage still holds it intact)."""
+        data = self._flow_record().get("checkpoint")
+        try:
+            return QuantizeResult.from_json(data) if data else None
+        except (TypeError, KeyError):
+            return None
+
+    def record_checkpoint(self, result: QuantizeResult) -> None:
+        """The checkpoint is exported and stored; measurements of an older one are dropped."""
+        self._write_flow_record({"checkpoint": result.to_json(), "evaluations": []})
+        failpoint("kill-after-export")
+
+    def recorded_evaluations(self) -> list[Evaluation]:
+        """Measurements of the recorded checkpoint, in the order they were made."""
+        found = []
+        for item in self._flow_record().get("evaluations") or []:
+            try:
+                found.append(Evaluation.from_json(item))
+            except TypeError:
+                return []
+        return found
+
+    def record_evaluation(self, evaluation: Evaluation) -> None:
+        record = self._flow_record()
+        record["evaluations"] = [*record.get("evaluations", []), evaluation.to_json()]
+        self._write_flow_record(record)
+        failpoint(f"kill-after-evaluation:{evaluation.evaluator}")
+
+
+def failpoint(name: str) -> None:
+    """SIGKILL this process when ``QUANTMILL_FAILPOINT`` names this point (fault injection)."""
+    if os.environ.get(FAILPOINT, "") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
 class WorkAreaSummary:
     key: str
-    last_block: int | None  # None: no readable index (an area cut short before its first block)
+    last_block: int | None  # None: no readable index (no block-wise work, or none finished)
     about: dict[str, Any]
+    checkpoint_sha256: str | None = None  # an exported checkpoint waiting for registration
 
 
 def summaries(storage: StorageBackend) -> list[WorkAreaSummary]:
@@ -87,7 +143,10 @@ def summaries(storage: StorageBackend) -> list[WorkAreaSummary]:
             index = json.loads(raw) if raw is not None else {}
         except ValueError:
             index = {}
+        flow = FlowWorkArea(storage, key, {})._flow_record()
+        checkpoint = (flow.get("checkpoint") or {}).get("checkpoint") or {}
         last = index.get("last_block")
         found.append(WorkAreaSummary(key, int(last) if last is not None else None,
-                                     dict(index.get("about") or {})))
+                                     dict(index.get("about") or flow.get("about") or {}),
+                                     checkpoint.get("sha256")))
     return found

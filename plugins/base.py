@@ -141,6 +141,13 @@ class QuantPlan:
 
         return {name: spec(s) for name, s in sorted(self.modules.items())}
 
+    @classmethod
+    def from_json(cls, modules: Mapping[str, Mapping[str, Any]],
+                  details: Mapping[str, Any] | None = None) -> QuantPlan:
+        """The plan ``to_json`` wrote (a step on another process rebuilds it from this)."""
+        return cls({name: ModuleQuantSpec(**dict(spec)) for name, spec in modules.items()},
+                   dict(details or {}))
+
 
 def num_groups(in_features: int, group_size: int) -> int:
     """Groups along the input features; -1 means one group, and a last group may be shorter."""
@@ -450,9 +457,14 @@ class StorageBackend(Plugin):
     scheme: ClassVar[str]
 
     @abc.abstractmethod
-    def put_tree(self, path: Path) -> StoredObject:
+    def put_tree(self, path: Path, consume: bool = False) -> StoredObject:
         """Store a file or a directory tree; idempotent for identical content. Returns only
-        once every byte is confirmed stored, so the result may be registered."""
+        once every byte is confirmed stored, so the result may be registered.
+
+        ``consume``: the caller hands ``path`` over (a freshly exported checkpoint). It is gone
+        afterwards, and the backend may move it into place, or into its local read cache,
+        instead of copying it, so that reading it back on this machine costs no second copy.
+        """
 
     @abc.abstractmethod
     def fetch(self, uri: str, verify: bool = True) -> Path:

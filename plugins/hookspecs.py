@@ -107,4 +107,6 @@ def artifact_recorded(artifact: dict[str, Any], run_id: int | None) -> None:
 
 @hookspec
 def stage_finished(stage: str, run_id: int | None, seconds: float, status: str) -> None:
-    """Called after each stage of a job (calibrate, quantize, evaluate, upload, register)."""
+    """Called after each stage of a job, in order: register-inputs, calibrate, evaluate-base,
+    plan, quantize (quantize, export and store), evaluate (the stored checkpoint), publish,
+    register. ``run_id`` is None before the quantization run is opened (the first three)."""

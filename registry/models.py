@@ -41,9 +41,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-RUN_STATUSES = ("running", "succeeded", "failed")
-#: A completion closes a run: the statuses a ``run_completions`` row may carry.
-FINAL_STATUSES = ("succeeded", "failed")
+RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")
+#: A completion closes a run: the statuses a ``run_completions`` row may carry (``abandoned``:
+#: its process died, found by ``Registry.reap``).
+FINAL_STATUSES = ("succeeded", "failed", "abandoned")
 EDGE_DIRECTIONS = ("input", "output")
 TOKEN_ROLES = ("auditor", "writer")
 #: What a correction may point at.
@@ -147,6 +148,22 @@ class RunCompletionRow(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunHeartbeatRow(Base):
+    """A running run's process and when it last said it was alive (``Registry.reap``).
+
+    Liveness, not evidence: updated in place and not chained. An abandoned run's completion
+    copies what its heartbeat said."""
+
+    __tablename__ = "run_heartbeats"
+
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("runs.id"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    boot_id: Mapped[str] = mapped_column(String(64))
+    process_start: Mapped[str] = mapped_column(String(32))
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RunEdgeRow(Base):

@@ -11,9 +11,10 @@ import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Self
 
-from sqlalchemy import Engine, Table, exists, inspect, make_url, select
+from sqlalchemy import Engine, Table, delete, exists, inspect, make_url, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
@@ -24,6 +25,7 @@ from quantmill.registry.chain import ChainWriter, tail
 from quantmill.registry.convert import (
     artifact_entity,
     artifact_locations,
+    as_utc,
     correction_entity,
     edge_entity,
     location_entity,
@@ -63,6 +65,7 @@ from quantmill.registry.errors import (
     SchemaTooNew,
 )
 from quantmill.registry.hashing import json_sha256
+from quantmill.registry.liveness import ProcessIdentity, gone_reason, this_process
 from quantmill.registry.models import (
     CORRECTION_TARGETS,
     ArtifactLocationRow,
@@ -72,6 +75,7 @@ from quantmill.registry.models import (
     MetricRow,
     RunCompletionRow,
     RunEdgeRow,
+    RunHeartbeatRow,
     RunRow,
     utcnow,
 )
@@ -437,6 +441,10 @@ class Registry:
                 started_by=_current_user(),
                 inputs=inputs,
             )
+            me = this_process()
+            session.add(RunHeartbeatRow(run_id=row.id, host=me.host, pid=me.pid,
+                                        boot_id=me.boot_id, process_start=me.process_start,
+                                        beat_at=row.started_at))
             return run_entity(row, None)
 
     def _insert_run(
@@ -555,6 +563,7 @@ class Registry:
         session.add(completion)
         session.flush()
         chain.append("run_completions", completion.id)
+        session.execute(delete(RunHeartbeatRow).where(RunHeartbeatRow.run_id == run.id))
         return completion
 
     def _metric_row(self, session: Session, run_id: int, metric: NewMetric) -> MetricRow:
@@ -594,6 +603,60 @@ class Registry:
             run = self._running_run(session, run_id)
             completion = self._complete(session, chain, run, "failed", {}, error)
             return run_entity(run, completion)
+
+    def beat(self) -> int:
+        """Say that this process's running runs are alive (a heartbeat thread calls this);
+        the number of runs it beat for."""
+        me = this_process()
+        with self._transaction() as session:
+            result = session.execute(
+                update(RunHeartbeatRow)
+                .where(RunHeartbeatRow.host == me.host, RunHeartbeatRow.pid == me.pid,
+                       RunHeartbeatRow.process_start == me.process_start)
+                .values(beat_at=utcnow()))
+            return int(result.rowcount or 0)
+
+    def reap(self, stale_after: timedelta = timedelta(minutes=10),
+             dry_run: bool = False) -> list[tuple[Run, str]]:
+        """Close every running run whose process is dead as ``abandoned``, with the reason
+        and what its heartbeat said (append-only and chained, like any completion).
+
+        Dead means: on this host, its process (pid and start time, same boot) no longer
+        exists; from another host, no heartbeat for longer than ``stale_after``; a run with
+        no heartbeat at all (recorded before heartbeats existed) counts from its start.
+        Returns each abandoned run (as it would be, with ``dry_run``) and why."""
+        now = utcnow()
+        found: list[tuple[Run, str]] = []
+        with self._write() as (session, chain):
+            rows = session.execute(
+                select(RunRow, RunHeartbeatRow)
+                .outerjoin(RunHeartbeatRow, RunHeartbeatRow.run_id == RunRow.id)
+                .where(~exists().where(RunCompletionRow.run_id == RunRow.id))
+                .order_by(RunRow.id)).all()
+            for run, beat in rows:
+                if beat is not None:
+                    identity = ProcessIdentity(beat.host, beat.pid, beat.boot_id,
+                                               beat.process_start)
+                    last = as_utc(beat.beat_at)
+                    heartbeat = {"host": beat.host, "pid": beat.pid, "boot_id": beat.boot_id,
+                                 "process_start": beat.process_start,
+                                 "beat_at": last.isoformat()}
+                else:
+                    identity = ProcessIdentity(run.host, -1, "", "")
+                    last, heartbeat = as_utc(run.started_at), None
+                reason = gone_reason(identity, last, now, stale_after)
+                if reason is None:
+                    continue
+                details = {"abandoned": {"reason": reason, "heartbeat": heartbeat,
+                                         "reaped_by": _current_user(),
+                                         "reaped_on": socket.gethostname()}}
+                if dry_run:
+                    found.append((run_entity(run, None), reason))
+                    continue
+                completion = self._complete(session, chain, run, "abandoned", details,
+                                            f"abandoned: {reason}")
+                found.append((run_entity(run, completion), reason))
+        return found
 
     def _running_run(self, session: Session, run_id: int) -> RunRow:
         """The run, if it has not ended yet. Callers hold the chain lock (``_write``), so no

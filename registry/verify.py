@@ -14,13 +14,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from quantmill.registry.chain import GENESIS, entry_hash, payload_text, row_payload, sha256_text
 from quantmill.registry.convert import artifact_locations
 from quantmill.registry.entities import ArtifactLocation
-from quantmill.registry.models import CHAINED_TABLES, ArtifactLocationRow, ArtifactRow, LedgerRow
+from quantmill.registry.models import (
+    CHAINED_TABLES,
+    ArtifactLocationRow,
+    ArtifactRow,
+    LedgerRow,
+    MetricRow,
+    RunCompletionRow,
+    RunEdgeRow,
+    RunRow,
+)
 
 #: Links read per query: memory stays flat on a registry of any size.
 BATCH = 2000
@@ -53,6 +62,8 @@ class VerifyReport:
     entries: int = 0
     head_hash: str = GENESIS
     files_checked: int = 0
+    #: how many runs are running, succeeded, failed, abandoned
+    runs: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -65,6 +76,7 @@ class VerifyReport:
             "entries": self.entries,
             "head_hash": self.head_hash,
             "files_checked": self.files_checked,
+            "runs": dict(self.runs),
             "problems": [problem.to_json() for problem in self.problems],
         }
 
@@ -141,6 +153,25 @@ def verify_chain(session: Session, report: VerifyReport) -> None:
                     "not in the ledger: written around quantmill's registry"))
 
 
+def verify_runs(session: Session, report: VerifyReport) -> None:
+    """Count runs by status, and check that no abandoned run has outputs or metrics (its
+    process died: nothing it claims after that can be trusted, so nothing may be recorded)."""
+    counts = session.execute(
+        select(RunCompletionRow.status, func.count(RunRow.id)).select_from(RunRow)
+        .outerjoin(RunCompletionRow, RunCompletionRow.run_id == RunRow.id)
+        .group_by(RunCompletionRow.status)).all()
+    report.runs = {status or "running": int(count) for status, count in counts}
+    abandoned = select(RunCompletionRow.run_id).where(RunCompletionRow.status == "abandoned")
+    for table, what in ((RunEdgeRow, "output edge"), (MetricRow, "metric")):
+        query = select(table.run_id, func.count()).where(table.run_id.in_(abandoned))
+        if table is RunEdgeRow:
+            query = query.where(RunEdgeRow.direction == "output")
+        for run_id, count in session.execute(query.group_by(table.run_id)):
+            report.problems.append(Problem(
+                "abandoned", f"runs #{run_id}",
+                f"abandoned, yet it has {count} {what}(s): an abandoned run gains nothing"))
+
+
 def _artifact_batches(session: Session) -> Iterator[list[Any]]:
     """``(id, name, sha256, size_bytes, uri)`` of every artifact, by id, ``FILE_BATCH`` at a
     time (plain rows: nothing accumulates in the session however large the registry)."""
@@ -212,6 +243,7 @@ def verify(
     in the chain (a chain rewritten from before that point would no longer contain it)."""
     report = VerifyReport()
     verify_chain(session, report)
+    verify_runs(session, report)
     if expected_head is not None:
         found = session.scalars(
             select(LedgerRow.seq).where(LedgerRow.entry_hash == expected_head.lower())

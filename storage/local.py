@@ -60,7 +60,7 @@ class LocalStorage(StorageBackend):
     def object_path(self, sha256: str) -> Path:
         return self.root / "objects" / "sha256" / sha256[:2] / sha256
 
-    def put_tree(self, path: Path) -> StoredObject:
+    def put_tree(self, path: Path, consume: bool = False) -> StoredObject:
         path = Path(path)
         if not path.exists():
             raise QuantmillError(f"cannot store {path}: it does not exist")
@@ -73,13 +73,14 @@ class LocalStorage(StorageBackend):
             staging.parent.mkdir(parents=True, exist_ok=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                if path.is_dir():
-                    shutil.copytree(path, staging)
-                else:
-                    shutil.copy2(path, staging)
-                staged_sha, _ = sha256_path(staging)
-                if staged_sha != sha:
-                    raise StorageIntegrityError(f"{path} changed while it was being stored")
+                if not (consume and _moved(path, staging)):
+                    if path.is_dir():
+                        shutil.copytree(path, staging)
+                    else:
+                        shutil.copy2(path, staging)
+                    staged_sha, _ = sha256_path(staging)
+                    if staged_sha != sha:
+                        raise StorageIntegrityError(f"{path} changed while it was being stored")
                 try:
                     os.rename(staging, target)
                 except OSError:
@@ -90,6 +91,8 @@ class LocalStorage(StorageBackend):
                     shutil.rmtree(staging, ignore_errors=True)
                 elif staging.exists():
                     staging.unlink()
+        if consume:
+            _remove(path)
         return StoredObject(uri=target.as_uri(), sha256=sha, size_bytes=size)
 
     def _discard(self, target: Path) -> None:
@@ -153,6 +156,22 @@ class LocalStorage(StorageBackend):
 
 
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _moved(path: Path, staging: Path) -> bool:
+    """Rename ``path`` to ``staging`` (same file system: no copy); False when it cannot be."""
+    try:
+        os.rename(path, staging)
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def _local_path(uri: str) -> Path:

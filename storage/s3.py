@@ -52,6 +52,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -259,10 +260,35 @@ class S3Storage(StorageBackend):
 
     # --- writing -------------------------------------------------------------------------------
 
-    def put_tree(self, path: Path) -> StoredObject:
+    def put_tree(self, path: Path, consume: bool = False) -> StoredObject:
         path = Path(path)
         if not path.exists():
             raise QuantmillError(f"cannot store {path}: it does not exist")
+        stored, blobs = self._put(path)
+        if consume:
+            self._keep_in_cache(path, stored, blobs)
+        return stored
+
+    def _keep_in_cache(self, path: Path, stored: StoredObject,
+                       blobs: list[tuple[str, Path, str]]) -> None:
+        """Move a consumed upload's files into the read cache (they were hashed on the way
+        up), so a step reading the object back on this machine downloads nothing."""
+        try:
+            for _, file, sha in blobs:
+                if self.cache.get(sha, tree=False) is None:
+                    self.cache.add_blob(file, sha)
+            if path.is_dir():
+                self.cache.add_tree(stored.sha256, [(rel, sha) for rel, _, sha in blobs])
+        except (OSError, ValueError):  # another file system, or a cache being evicted
+            pass
+        finally:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _put(self, path: Path) -> tuple[StoredObject, list[tuple[str, Path, str]]]:
+        """Upload ``path``; the stored object and each file's (relative path, path, sha256)."""
         bucket = self.config.bucket
         self._check_bucket(bucket, f"s3://{bucket}/{self.config.prefix}")
         self.stats = TransferStats()
@@ -271,8 +297,8 @@ class S3Storage(StorageBackend):
             digest = digest_file(path, settings)
             key = self._key("blobs", digest.sha256)
             self._upload_files([(path, key, digest)], f"upload {path.name}", digest.size)
-            return StoredObject(uri=f"s3://{bucket}/{key}", sha256=digest.sha256,
-                                size_bytes=digest.size)
+            return (StoredObject(uri=f"s3://{bucket}/{key}", sha256=digest.sha256,
+                                 size_bytes=digest.size), [(path.name, path, digest.sha256)])
         files = tree_files(path)
         entries: list[tuple[str, str, int]] = []
 
@@ -299,8 +325,10 @@ class S3Storage(StorageBackend):
                                len(text))
         finally:
             manifest.unlink(missing_ok=True)
-        return StoredObject(uri=f"s3://{bucket}/{key}", sha256=tree_sha,
-                            size_bytes=sum(size for _, _, size in entries))
+        return (StoredObject(uri=f"s3://{bucket}/{key}", sha256=tree_sha,
+                             size_bytes=sum(size for _, _, size in entries)),
+                [(rel, file, sha) for (rel, file), (_, sha, _) in zip(files, entries,
+                                                                       strict=True)])
 
     def _upload_files(self, files: Iterable[tuple[Path, str, FileDigest]],
                       description: str | None, total: int, bucket: str | None = None) -> None:

@@ -615,3 +615,29 @@ def test_token_commands(registry: Registry, db_url: str) -> None:
     assert twice.exit_code == 2 and "already revoked" in twice.stderr
     assert [(t.name, t.revoked) for t in list_tokens(registry)] == [("ci-writer", True)]
     assert registry.verify().ok
+
+
+def test_a_writer_reaps_runs_whose_process_died(world: World) -> None:
+    import subprocess
+
+    from sqlalchemy import text
+
+    from quantmill.registry.db import create_registry_engine
+
+    run = world.registry.start_run(job_id="job-dead", kind="quantization", name="killed",
+                                   recipe={}, plugins={}, versions={})
+    child = subprocess.Popen(["true"])
+    child.wait()
+    engine = create_registry_engine(world.registry.url, pooled=False)
+    with engine.begin() as connection:  # as if that process had started it
+        connection.execute(text(f"UPDATE run_heartbeats SET pid = {child.pid}"))
+    engine.dispose()
+    assert world.client.post("/runs/reap", headers=bearer(world.auditor)).status_code == 403
+    response = world.client.post("/runs/reap", headers=bearer(world.writer))
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["items"]
+    assert item["run"]["id"] == run.id and item["run"]["status"] == "abandoned"
+    assert item["reason"] == f"process {child.pid} on {run.host} is gone"
+    listed = world.get("/runs", world.auditor, params={"status": "abandoned"}).json()["items"]
+    assert [r["id"] for r in listed] == [run.id]
+    assert world.client.post("/runs/reap", headers=bearer(world.writer)).json()["items"] == []

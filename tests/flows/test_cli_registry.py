@@ -319,37 +319,30 @@ def _job(tiny_recipe: Any, name: str, bits: int, group_size: int) -> dict[str, A
     import yaml
 
     from quantmill.flows import tasks
+    from quantmill.flows.context import JobRef, RunContext
     from quantmill.flows.runtime import software_versions
 
     recipe = tiny_recipe(f"{name}.yaml", quantization={"bits": bits, "group_size": group_size})
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "name": name},
                                      sort_keys=False))
-    ref = tasks.JobRef(recipe.read_text(), str(recipe), f"job-{name}", None)
-    job = ref.job()
-    inputs = tasks.register_inputs_step(ref)
-    calibration = tasks.calibrate_step(ref, inputs)
-    with ref.registry() as reg:
-        run = reg.start_run(job_id=ref.job_id, kind="quantization", name=name,
-                            recipe=job.recipe_json(), plugins=job.plugin_versions,
-                            versions=software_versions(),
-                            inputs=[(inputs["base_model"], "base_model"),
-                                    (calibration, "calibration_set")])
-    quantized = tasks.quantize_step(ref, inputs, calibration)
-    evaluations = []
-    for index in range(len(job.evaluators)):
-        ev = tasks.evaluate_step(ref, index, inputs["base_model"], str(job.model_path), None,
-                                 None, reuse=True)
-        evaluations.append({**ev, "target": "base"})
-    for index in range(len(job.evaluators)):
-        ev = tasks.evaluate_step(ref, index, None, quantized["checkpoint_dir"],
-                                 job.exporter.format_name, quantized["checkpoint_dir"],
-                                 reuse=False)
-        evaluations.append({**ev, "target": "quantized"})
-    tasks.MODEL_CACHE.clear()
-    stored = tasks.upload_step(ref, quantized["checkpoint_dir"])
-    checkpoint = tasks.register_step(ref, run.id, stored, quantized, inputs["base_model"],
-                                     evaluations, inputs["datasets"])
-    return {"checkpoint": checkpoint, "base": inputs["base_model"], "run": run.id}
+    ctx = RunContext.of(JobRef(recipe.read_text(), str(recipe), f"job-{name}", None))
+    job = ctx.job
+    inputs = tasks.register_inputs_step(ctx)
+    calibration = tasks.calibrate_step(ctx, inputs)
+    evaluations = [tasks.evaluate_base_step(ctx, inputs, i) for i in range(len(job.evaluators))]
+    run = ctx.registry.start_run(job_id=ctx.job_id, kind="quantization", name=name,
+                                 recipe=job.recipe_json(), plugins=job.plugin_versions,
+                                 versions=software_versions(),
+                                 inputs=[(inputs.base_model_id, "base_model"),
+                                         (calibration.artifact_id, "calibration_set")])
+    plan = tasks.plan_step(ctx, calibration)
+    quantized = tasks.quantize_and_export(ctx, inputs, calibration, plan)
+    evaluations += [tasks.evaluate_checkpoint_step(ctx, quantized, i)
+                    for i in range(len(job.evaluators))]
+    checkpoint = tasks.register_step(ctx, run.id, inputs, plan, quantized, evaluations, None)
+    tasks.clear_work_area(ctx, quantized.work_key)
+    ctx.close()
+    return {"checkpoint": checkpoint, "base": inputs.base_model_id, "run": run.id}
 
 
 def test_real_checkpoints_search_and_compare(quantmill_home: Path, tiny_recipe: Any) -> None:
@@ -400,6 +393,34 @@ def test_checkpoint_metadata_states_what_the_plan_did(
         name="m", weight_kind=weight_kind,
         default_spec=lambda: ModuleQuantSpec(bits=8, group_size=-1, sym=True, method="m"))
     job = SimpleNamespace(quantizer=quantizer)
-    metadata = checkpoint_metadata(job, {"export": {"x": 1}, "plan": plan}, "ab" * 32)
+    metadata = checkpoint_metadata(job, {"x": 1}, plan, "ab" * 32)
     assert metadata == {"export": {"x": 1}, "method": "m", "base_model_sha256": "ab" * 32,
                         **expected}
+
+
+def test_reap_closes_dead_runs_and_runs_lists_them(db_url: str, tamper: Any) -> None:
+    import subprocess
+
+    with Registry.open(db_url) as reg:
+        dead = reg.start_run(job_id="j", kind="quantization", name="killed", recipe={},
+                             plugins={}, versions={}).id
+        alive = reg.start_run(job_id="j", kind="quantization", name="working", recipe={},
+                              plugins={}, versions={}).id
+    child = subprocess.Popen(["true"])
+    child.wait()
+    tamper.sql(f"UPDATE run_heartbeats SET pid = {child.pid} WHERE run_id = {dead}")
+    planned = cli_json("registry", "reap", "--dry-run", "--database-url", db_url)
+    assert [item["run"]["id"] for item in planned] == [dead]
+    assert cli_json("registry", "runs", "--status", "running", "--database-url", db_url)
+    shown = cli("registry", "reap", "--database-url", db_url).stdout
+    assert "closed 1 run(s) as abandoned" in shown and f"process {child.pid}" in shown
+    listed = cli_json("registry", "runs", "--status", "abandoned", "--database-url", db_url)
+    assert [run["id"] for run in listed] == [dead]
+    assert listed[0]["error"].startswith("abandoned: process")
+    running = cli_json("registry", "runs", "--status", "running", "--database-url", db_url)
+    assert [run["id"] for run in running] == [alive]
+    verified = cli("registry", "verify", "--database-url", db_url).stdout
+    assert "runs: 1 abandoned, 1 running" in verified and "OK" in verified
+    assert "no abandoned runs" in cli("registry", "reap", "--database-url", db_url).stdout
+    bad = cli("registry", "runs", "--status", "lost", "--database-url", db_url, code=2)
+    assert "lost" in bad.stderr

@@ -161,8 +161,9 @@ def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,
     assert ckpt.metadata["method"] == "absmax"
     # the plugin's notification hooks saw every stage, then the recorded checkpoint
     lines = stage_log.read_text().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["register-inputs", "calibrate", "quantize",
-                                               "evaluate", "upload", "register", "artifact"]
+    assert [ln.split()[0] for ln in lines] == ["register-inputs", "calibrate", "evaluate-base",
+                                               "plan", "quantize", "evaluate", "publish",
+                                               "register", "artifact"]
     assert all(ln.split()[1] in ("succeeded", "checkpoint") for ln in lines)
     assert any("qm_example_absmax" in k and v == "0.3.1" for k, v in run.plugins.items())
     assert 8.0 < metrics["bits_per_weight"] < 9.0

@@ -185,6 +185,7 @@ def test_undeclared_float_overrides_are_still_refused_before_export(
     ``changes_float_tensors`` passes the recipe check; the job then stops after quantizing,
     before writing anything (the step functions in the flow's order, no Prefect server)."""
     from quantmill.flows import tasks
+    from quantmill.flows.context import JobRef, RunContext
     from quantmill.plugins.errors import QuantmillError
     from quantmill.plugins.formats.compressed_tensors import CompressedTensorsExporter
     from quantmill.plugins.quantizers.dynamic_int8.plugin import DynamicInt8Quantizer
@@ -194,11 +195,12 @@ def test_undeclared_float_overrides_are_still_refused_before_export(
     monkeypatch.setattr(DynamicInt8Quantizer, "changes_float_tensors",
                         property(lambda self: False, lambda self, value: None))
     recipe = write_int8_recipe(tiny_recipe, "undeclared.yaml", {})
-    ref = tasks.JobRef(recipe.read_text(), str(recipe), "job-no-overrides", None)
-    inputs = tasks.register_inputs_step(ref)
-    calibration = tasks.calibrate_step(ref, inputs)
+    ctx = RunContext.of(JobRef(recipe.read_text(), str(recipe), "job-no-overrides", None))
+    inputs = tasks.register_inputs_step(ctx)
+    calibration = tasks.calibrate_step(ctx, inputs)
+    plan = tasks.plan_step(ctx, calibration)
     with pytest.raises(QuantmillError, match=r"changed 5 float tensor\(s\).*'compressed-tensors'"
                                              r" cannot write"):
-        tasks.quantize_step(ref, inputs, calibration)
-    assert not (ref.work_dir / "checkpoint").exists()
-    tasks.MODEL_CACHE.clear()
+        tasks.quantize_and_export(ctx, inputs, calibration, plan)
+    assert not (ctx.work_dir / "checkpoint").exists()
+    ctx.close()

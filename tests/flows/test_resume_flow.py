@@ -1,7 +1,8 @@
-"""Block-level resume of a real ``quantmill run`` killed with SIGKILL in the middle of its
-quantization: the rerun continues at the next block, says so, and writes the same checkpoint
-(same sha256) as an uninterrupted run; a changed input starts from block 0; the work area is
-gone once the run is registered."""
+"""Resume of a real ``quantmill run`` killed with SIGKILL: in the middle of its quantization
+(the rerun continues at the next block, says so, and writes the same checkpoint, same sha256,
+as an uninterrupted run; a changed input starts from block 0), and after its checkpoint was
+stored and measured (the rerun quantizes and measures nothing). The killed run is closed as
+abandoned by the next run; the work area is gone once the run is registered."""
 
 from __future__ import annotations
 
@@ -104,6 +105,11 @@ def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
     assert reseeded.returncode == 0, reseeded.stderr[-3000:]
     assert "resuming" not in reseeded.stderr
     assert [p.name for p in work.iterdir()] == [area.name]
+    # the next run on this host found the killed run's process gone and closed its run
+    with Registry.open() as reg:
+        (abandoned,) = reg.list_runs(status="abandoned")
+        assert abandoned.kind == "quantization" and not _outputs(reg, abandoned.id)
+    assert "is gone" in abandoned.error and "closed as abandoned" in reseeded.stderr
 
     rerun = run_quantmill(recipe, quantmill_home)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -115,6 +121,36 @@ def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
     assert [r.details["quantizer"]["resumed_at_block"] for r in runs] == [3, 0]
     assert checkpoint.sha256 == expected
     assert not any(work.iterdir())  # registered: the finished blocks are gone
+
+
+def test_a_job_killed_after_measuring_its_checkpoint_quantizes_and_measures_nothing_again(
+        quantmill_home: Path, tiny_recipe, six_block_model: Path, run_quantmill) -> None:
+    recipe = _recipe(tiny_recipe, six_block_model, METHODS["gptq"])
+    killed = run_quantmill(recipe, quantmill_home, failpoint="kill-after-evaluation:size")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    os.environ["QUANTMILL_HOME"] = str(quantmill_home)
+    with Registry.open() as reg:
+        (base_measurement,) = reg.list_runs(kind="evaluation", status="succeeded")
+        (interrupted,) = reg.list_runs(kind="quantization")
+    assert interrupted.status == "running"
+
+    rerun = run_quantmill(recipe, quantmill_home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "the checkpoint an interrupted run stored" in rerun.stderr
+    with Registry.open() as reg:
+        runs = {r.status: r for r in reg.list_runs(kind="quantization")}
+        assert set(runs) == {"abandoned", "succeeded"}
+        assert runs["abandoned"].id == interrupted.id
+        # the base model was measured once, by the killed job, and the measurement reused
+        assert [r.id for r in reg.list_runs(kind="evaluation")] == [base_measurement.id]
+        done = runs["succeeded"]
+        (checkpoint,) = reg.list_artifacts(kind="checkpoint")
+        metrics = {m.name for m in reg.metrics_for_artifact(checkpoint.id)}
+    assert done.details["checkpoint_reused_from_work_area"] is True
+    assert done.details["base_measured_by_runs"] == {"size": base_measurement.id}
+    assert done.details["measured_base"] is False
+    assert {"param_count", "bits_per_weight"} <= metrics  # the killed job's measurement
+    assert not any((quantmill_home / "storage" / "work").iterdir())
 
 
 def test_the_work_area_key_changes_with_every_input_of_a_block(monkeypatch) -> None:

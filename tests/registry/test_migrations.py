@@ -60,7 +60,7 @@ def test_scripts_are_found_and_have_one_head() -> None:
     location = Path(migrate_module.script_location())
     assert (location / "env.py").is_file()
     assert (location / "script.py.mako").is_file()
-    assert head_revision() == "0003"
+    assert head_revision() == "0004"
 
 
 def test_migration_scripts_do_not_import_live_models() -> None:
