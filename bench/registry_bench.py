@@ -387,6 +387,7 @@ def fill_api(registry: Registry, work: Workload) -> list[int]:
 def fill_bulk(registry: Registry, work: Workload, batch: int) -> list[int]:
     """Register everything through ``quantmill.registry.bulk`` (many runs per transaction)."""
     from quantmill.registry import bulk
+    from quantmill.registry.writes import EndedRun, RunCompletion, RunInput
 
     ids = register_roots(registry, work)
     run_ids: list[int] = []
@@ -394,13 +395,14 @@ def fill_bulk(registry: Registry, work: Workload, batch: int) -> list[int]:
     for start in range(0, len(work.runs), batch):
         chunk = work.runs[start:start + batch]
         run_ids.extend(bulk.record_runs(registry, [
-            bulk.RunRecord(
+            EndedRun(
                 job_id=spec.job_id, kind=spec.kind, name=spec.name, recipe=spec.recipe,
                 plugins=PLUGINS[spec.kind], versions=VERSIONS,
-                inputs=[(ids.get(label) or label_sha(label), role)
-                        for label, role in spec.inputs],
-                outputs=new_outputs(spec), metrics=new_metrics(spec, ids),
-                details={"seconds": 1.0} if spec.error is None else {}, error=spec.error)
+                inputs=tuple(RunInput(ids.get(label) or label_sha(label), role)
+                             for label, role in spec.inputs),
+                outputs=tuple(new_outputs(spec)), metrics=tuple(new_metrics(spec, ids)),
+                completion=RunCompletion("succeeded", {"seconds": 1.0}) if spec.error is None
+                else RunCompletion("failed", {}, spec.error))
             for spec in chunk]))
         progress(start + len(chunk))
     return run_ids

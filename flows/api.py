@@ -20,12 +20,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
+from quantmill.flows.api_claims import StorageClaims
 from quantmill.flows.api_limits import BodyLimit
 from quantmill.flows.api_routes import auditor, public, reader, writer
+from quantmill.plugins.base import StorageBackend
 from quantmill.registry import (
     AmbiguousReference,
     ArtifactConflict,
     ArtifactNotFound,
+    InvalidClaim,
     InvalidQuery,
     Registry,
     RegistryError,
@@ -44,6 +47,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ArtifactConflict, 409),
     (InvalidQuery, 422),
     (InvalidRun, 422),
+    (InvalidClaim, 422),
     (SchemaMismatch, 503),
     (RegistryUnavailable, 503),
     (RegistryError, 400),
@@ -86,9 +90,12 @@ def _database_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(503, "the registry database is unavailable; try again later")
 
 
-def create_app(database_url: str | None = None) -> FastAPI:
+def create_app(database_url: str | None = None,
+               storages: list[StorageBackend] | None = None) -> FastAPI:
     """The API over the registry at ``database_url`` (resolved as usual: argument, then
-    ``$QUANTMILL_DATABASE_URL``, then the default SQLite file).
+    ``$QUANTMILL_DATABASE_URL``, then the default SQLite file). Writers may register outputs
+    stored in ``storages`` only (default: the default storage, ``$QUANTMILL_STORAGE_URL`` or
+    the local one).
 
     Raises ``SchemaOutdated`` (naming the upgrade command) for an empty or older database: the
     service never creates or migrates a schema itself.
@@ -112,6 +119,13 @@ def create_app(database_url: str | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.registry = registry
+    if storages is None:
+        from quantmill.flows.recipe import default_storage
+        from quantmill.plugins.catalog import Catalog
+        from quantmill.plugins.manager import get_plugin_manager
+
+        storages = [default_storage(Catalog(get_plugin_manager()))]
+    app.state.claims = StorageClaims(storages)
     app.state.schema_revision = head_revision()
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

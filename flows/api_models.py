@@ -191,12 +191,15 @@ class RunOut(BaseModel):
 
 
 class LocationOut(BaseModel):
-    """A place the artifact's bytes can be read; ``created_at`` is None for the artifact's
-    primary ``uri`` when no location record names it."""
+    """A place the artifact's bytes can be read; ``id``, ``created_by`` and ``created_at`` are
+    None for the artifact's primary ``uri`` when no location record names it."""
 
+    id: int | None
+    artifact_id: int
     uri: str
     role: str
     details: Document
+    created_by: str | None
     created_at: datetime | None
 
 
@@ -267,6 +270,7 @@ class VerifyOut(BaseModel):
     entries: int
     head_hash: str
     files_checked: int
+    runs: dict[str, int]
     problems: list[ProblemOut]
     head: LedgerHeadOut
 

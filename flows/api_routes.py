@@ -159,11 +159,7 @@ def get_artifact(registry: RegistryDep, _token: Reader, ref: Ref) -> dict[str, A
     artifact = registry.get_artifact(parse_ref(ref))
     return {
         "artifact": artifact.to_json(),
-        "locations": [
-            {"uri": place.uri, "role": place.role, "details": place.details,
-             "created_at": place.created_at}
-            for place in registry.locations(artifact.id)
-        ],
+        "locations": [place.to_json() for place in registry.locations(artifact.id)],
         "metrics": [m.to_json() for m in registry.metrics_for_artifact(artifact.id)],
         "corrections": [c.to_json() for c in registry.corrections_for("artifact", artifact.id)],
     }
@@ -258,11 +254,16 @@ def verify(
 @writer.post("/runs", response_model=RunDetailOut, status_code=status.HTTP_201_CREATED,
              responses={409: {"model": ErrorOut, "description": "Conflicts with stored content "
                               "(e.g. a sha256 registered with another size)."}})
-def post_run(registry: RegistryDep, token: Writer, body: RunIn) -> dict[str, Any]:
+def post_run(request: Request, registry: RegistryDep, token: Writer,
+             body: RunIn) -> dict[str, Any]:
     """Register a finished run (inputs, outputs, metrics, end) in one transaction; recorded as
-    started by ``token:<name>``. Inputs must be registered already; outputs are upserted."""
+    started by ``token:<name>``. Inputs must be registered already; every output must be an
+    object of a storage this service was started with, holding the claimed sha256 and size
+    (422 otherwise); an artifact another run produced cannot be claimed (409); metrics may be
+    about the run's own inputs and outputs only (422)."""
     try:
-        run = record_run(registry, body.model_dump(), started_by=f"token:{token.name}")
+        run = record_run(registry, body.model_dump(), started_by=f"token:{token.name}",
+                         claims=request.app.state.claims)
     except ArtifactNotFound as exc:  # in a body, an unknown reference is invalid input
         raise InvalidRun(str(exc)) from None
     return _run_detail(registry, run.id)

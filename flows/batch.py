@@ -51,6 +51,7 @@ from quantmill.flows.recipe import (
     StorageSection,
     _format_validation_error,
     expand_path,
+    load_yaml_text,
     parse_recipe,
     resolve_job,
 )
@@ -154,15 +155,15 @@ def parse_batch(data: Any) -> Batch:
 def load_batch_text(path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"batch file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"batch {path} is not a YAML text file (not UTF-8: byte "
+                          f"{exc.start})") from None
 
 
 def batch_from_text(text: str, path: Path) -> Batch:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"batch {path} is not valid YAML: {exc}".splitlines()[0]) from None
-    return parse_batch(data)
+    return parse_batch(load_yaml_text(text, f"batch {path}"))
 
 
 def _uniform_points(matrix: Matrix) -> list[tuple[str, dict[str, Any], dict | None, dict]]:

@@ -31,15 +31,21 @@ class TokenRole(StrEnum):
 def registry_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8765, min=1, max=65535, help="TCP port."),
+    storage: list[str] = typer.Option(
+        [], "--storage", help="Storage whose objects writers may register (s3://bucket/prefix "
+                              "or a local storage root); repeatable. Default: the default "
+                              "storage ($QUANTMILL_STORAGE_URL, else local)."),
     database_url: str | None = DatabaseOption,
 ) -> None:
     """Serve the registry's HTTP API (OpenAPI schema at /docs and /openapi.json)."""
     import uvicorn
 
     from quantmill.flows.api import create_app
+    from quantmill.flows.artifacts import Backends, as_uri
 
+    storages = [Backends().for_destination(as_uri(url)) for url in storage] or None
     # Opens the registry: an outdated schema stops here, before any port is bound.
-    app = create_app(database_url)
+    app = create_app(database_url, storages)
     registry = app.state.registry
     console.print(f"serving the registry {registry.url} on http://{host}:{port} "
                   f"(API docs: http://{host}:{port}/docs)", highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from quantmill.flows.recipe import Job, parse_recipe, resolve_job
+from quantmill.flows.recipe import Job, load_yaml_text, parse_recipe, resolve_job
 from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.catalog import Catalog
 from quantmill.plugins.home import quantmill_home
@@ -78,9 +78,7 @@ class RunContext:
 
     @cached_property
     def job(self) -> Job:
-        import yaml
-
-        recipe = parse_recipe(yaml.safe_load(self.ref.recipe_text),
+        recipe = parse_recipe(load_yaml_text(self.ref.recipe_text, "recipe"),
                               Path(self.ref.recipe_path).parent)
         return resolve_job(recipe, self.ref.recipe_text, Path(self.ref.recipe_path),
                            self.catalog)

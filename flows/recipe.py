@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantmill.flows.artifacts import Backends
 from quantmill.plugins import base
@@ -94,6 +94,17 @@ class Recipe(_Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        """The name is how runs and checkpoints are found: blank or control characters are
+        refused rather than registered."""
+        if not value.strip():
+            raise ValueError("the recipe's name is blank; name the job")
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise ValueError("the recipe's name contains a control character")
+        return value
 
 
 def _format_validation_error(where: str, exc: ValidationError) -> str:
@@ -159,12 +170,41 @@ def load_recipe_file(path: Path) -> tuple[Recipe, str]:
     """Parse and validate a recipe file; returns the recipe and the file's text."""
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not a YAML text file (not UTF-8: byte "
+                          f"{exc.start})") from None
+    return parse_recipe(load_yaml_text(text, f"recipe {path}"), path.parent), text
+
+
+#: Deeper nesting than any recipe needs; deeper documents are refused before anything walks them.
+MAX_DEPTH = 32
+
+
+def load_yaml_text(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose every failure is one ConfigError line naming ``what``: bad
+    syntax, nesting too deep for the parser (or for ``MAX_DEPTH``)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}".splitlines()[0]) from None
-    return parse_recipe(data, path.parent), text
+        raise ConfigError(f"{what} is not valid YAML: {exc}".splitlines()[0]) from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    _check_depth(data, what)
+    return data
+
+
+def _check_depth(data: Any, what: str) -> None:
+    """Refuse documents nested deeper than ``MAX_DEPTH`` (walked without recursion)."""
+    pending = [(data, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
+        children = node.values() if isinstance(node, dict) else node \
+            if isinstance(node, list) else ()
+        pending.extend((child, depth + 1) for child in children)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from quantmill.plugins.base import (
 )
 from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hashing import sha256_path
-from quantmill.registry import ArtifactNotFound, NewArtifact, NewLocation, NewMetric
+from quantmill.registry import ArtifactNotFound, NewArtifact, NewLocation, NewMetric, Registry
 
 CALIBRATION_FILE = "calibration.safetensors"
 log = logging.getLogger(__name__)
@@ -433,24 +433,34 @@ def register_step(ctx: RunContext, run_id: int, inputs: Inputs, plan: PlanResult
         locations.append(NewLocation(published.uri, "published", dict(published.details)))
     base_runs = {ev.evaluator: ev.recorded_by_run or ev.reused_from_run
                  for ev in evaluations if ev.target == "base"}
-    reg.finish_run(run_id, outputs=[NewArtifact(
+    output = NewArtifact(
         kind="checkpoint", name=job.recipe.name, sha256=checkpoint.sha256,
         size_bytes=checkpoint.size_bytes, uri=checkpoint.uri, format=job.exporter.format_name,
         role="quantized_checkpoint",
         metadata=checkpoint_metadata(job, quantized.export, plan.modules,
                                      inputs.base_model_sha256),
         locations=tuple(locations),
-    )], metrics=metrics, details={"upload": dict(checkpoint.transfer),
-                                  "plan": dict(plan.modules),
-                                  "plan_details": dict(plan.details),
-                                  "quantize_seconds": quantized.quantize_seconds,
-                                  "plan_seconds": plan.seconds,
-                                  "quantizer": dict(quantized.details),
-                                  "resumed_at_block": quantized.resumed_at_block,
-                                  "checkpoint_reused_from_work_area": quantized.reused,
-                                  "base_measured_by_runs": base_runs,
-                                  "measured_base": any(ev.recorded_by_run is not None
-                                                       for ev in evaluations)})
+    )
+    outputs: list[NewArtifact] = [output]
+    reproduced: list[tuple[int | str, str]] = []
+    reproduces = _producer(reg, checkpoint.sha256)
+    if reproduces is not None:
+        # the same bytes another run already produced: an artifact has one producing run, so
+        # this run records that it reproduced it (and measured it), and where it stored it
+        outputs = []
+        reproduced = [(checkpoint.sha256, "reproduced_checkpoint")]
+        for location in locations:
+            reg.add_location(checkpoint.sha256, location.uri, "copy", location.details)
+    details = {
+        "reproduces_run": reproduces, "upload": dict(checkpoint.transfer),
+        "plan": dict(plan.modules), "plan_details": dict(plan.details),
+        "quantize_seconds": quantized.quantize_seconds, "plan_seconds": plan.seconds,
+        "quantizer": dict(quantized.details), "resumed_at_block": quantized.resumed_at_block,
+        "checkpoint_reused_from_work_area": quantized.reused,
+        "base_measured_by_runs": base_runs,
+        "measured_base": any(ev.recorded_by_run is not None for ev in evaluations),
+    }
+    reg.finish_run(run_id, outputs=outputs, inputs=reproduced, metrics=metrics, details=details)
     return reg.get_artifact(checkpoint.sha256).id
 
 
@@ -481,6 +491,13 @@ def checkpoint_metadata(job: Job, export: Mapping[str, Any], plan: Mapping[str, 
     if seeds:  # an auditor can find the checkpoints made from rotated weights
         metadata["rotation"] = {"kind": "randomized_hadamard", "seeds": seeds}
     return metadata
+
+
+def _producer(reg: Registry, sha256: str) -> int | None:
+    try:
+        return reg.producer(sha256)
+    except ArtifactNotFound:
+        return None
 
 
 def flow_run_id() -> str | None:

@@ -135,7 +135,9 @@ def point_row(reg: Registry, point: PlannedPoint, outcome: Outcome) -> dict[str,
     if outcome.status == "failed" or outcome.run_id is None:
         return row
     run = reg.get_run(outcome.run_id)
-    checkpoint = _edge(reg, run.id, "output", "quantized_checkpoint")
+    # a run that reproduced a registered checkpoint names it as an input
+    checkpoint = _edge(reg, run.id, "output", "quantized_checkpoint") or \
+        _edge(reg, run.id, "input", "reproduced_checkpoint")
     base = _edge(reg, run.id, "input", "base_model")
     recorded = reg.metrics_for_run(run.id)
     metrics = {m.name: m.value for m in recorded if m.artifact_id == checkpoint}

@@ -491,6 +491,11 @@ class StorageBackend(Plugin):
     def work_area_keys(self) -> list[str]:
         """The keys of every work area this backend holds (``quantmill work list``)."""
 
+    def holds(self, uri: str) -> bool:
+        """``uri`` names an object in this backend's own content-addressed layout (what a
+        writer over the HTTP API may register). Backends that cannot tell hold nothing."""
+        return False
+
     def check(self) -> None:
         """A cheap check that the store can be used (run when a recipe is validated, so an
         unknown bucket or an unreachable server fails before any work)."""

@@ -1,21 +1,21 @@
 """Recording many ended runs in one transaction: back-fills, imports, the scale benchmark.
 
-Why a second write path: ``start_run`` + ``finish_run`` cost two transactions per run, each
-taking the chain lock, reading the chain's tail, reading every new record back on its own to
-chain it, and committing (an fsync). Registering tens of thousands of historical runs spends its
-time in those round trips. ``record_runs`` writes exactly the rows and ledger links those calls
-would (same tables, same canonical payloads, each run's records in the same order: the run, its
-input edges, its new output artifacts each followed by its new locations, output edges, metrics,
-completion), for a whole batch at once: one lock, multi-row inserts, one read-back per table,
-one commit. All of a batch is stored, or none of it. Live workers keep using the per-run calls:
-a run must be visible as ``running`` while it runs.
+Why batched: ``start_run`` + ``finish_run`` cost two transactions per run, each taking the chain
+lock, reading the chain's tail, reading every new record back on its own to chain it, and
+committing (an fsync). Registering tens of thousands of historical runs spends its time in those
+round trips. ``record_runs`` writes exactly the rows and ledger links ``RecordWriter`` would
+(its row values and rules from ``quantmill.registry.writes``, each run's records in the same
+order: the run, its input edges, its new output artifacts each followed by its new locations,
+output edges, metrics, completion), for a whole batch of ``EndedRun`` at once: one lock,
+multi-row inserts, one read-back per table, one commit. All of a batch is stored, or none of
+it. Live workers keep using the per-run calls: a run must be visible as ``running`` while it
+runs.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table, insert, select
@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session
 from quantmill.registry.chain import entry_hash, payload_text, row_payload, sha256_text, tail
 from quantmill.registry.entities import NewArtifact, NewLocation, NewMetric, check_sha256
 from quantmill.registry.errors import ArtifactConflict, ArtifactNotFound, RegistryError
-from quantmill.registry.hashing import json_sha256
 from quantmill.registry.models import (
     CHAINED_TABLES,
     ArtifactLocationRow,
@@ -38,40 +37,25 @@ from quantmill.registry.models import (
     RunRow,
     utcnow,
 )
-from quantmill.registry.store import Registry, _current_user
+from quantmill.registry.store import Registry
+from quantmill.registry.writes import (
+    EndedRun,
+    artifact_values,
+    check_measured,
+    check_producer,
+    completion_values,
+    current_user,
+    edge_values,
+    ended_run_values,
+    location_values,
+    metric_values,
+)
 
 #: Ids per ``IN (...)`` read-back (well under SQLite's bound-parameter limit).
 READ_CHUNK = 900
 #: Rows per multi-row ``INSERT ... ON CONFLICT`` of artifacts (9 parameters each) or
 #: locations (6 each).
 UPSERT_CHUNK = 500
-
-
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    """One run that already ended: what ``start_run`` and ``finish_run``/``fail_run`` take.
-
-    ``inputs`` name artifacts by id or by full sha256 (registered before the batch, or an
-    output of an earlier record of the same batch). ``error`` set: the run failed, and has no
-    outputs or metrics.
-    """
-
-    job_id: str
-    kind: str
-    name: str
-    recipe: dict[str, Any]
-    plugins: dict[str, str]
-    versions: dict[str, str]
-    inputs: Sequence[tuple[int | str, str]] = ()
-    outputs: Sequence[NewArtifact] = ()
-    metrics: Sequence[NewMetric] = ()
-    details: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    flow_run_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.error is not None and (self.outputs or self.metrics):
-            raise ValueError(f"run {self.name!r} failed: it cannot have outputs or metrics")
 
 
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -90,7 +74,7 @@ def _insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[
 class _Batch:
     """The rows of one ``record_runs`` call, resolved and inserted table by table."""
 
-    def __init__(self, session: Session, records: Sequence[RunRecord], user: str) -> None:
+    def __init__(self, session: Session, records: Sequence[EndedRun], user: str) -> None:
         self.session = session
         self.records = records
         self.user = user
@@ -123,10 +107,7 @@ class _Batch:
         for chunk in _chunks(missing, UPSERT_CHUNK):
             statement = (
                 self._upsert(table)
-                .values([{"kind": new.kind, "name": new.name, "sha256": new.sha256,
-                          "size_bytes": new.size_bytes, "uri": new.uri, "format": new.format,
-                          "metadata": dict(new.metadata), "created_at": self.now}
-                         for new in chunk])
+                .values([artifact_values(new, self.now) for new in chunk])
                 .on_conflict_do_nothing(index_elements=["sha256"])
                 .returning(table.c.sha256)
             )
@@ -151,7 +132,7 @@ class _Batch:
 
     def record_locations(self) -> None:
         """Insert every output's locations not recorded yet for its artifact (first one of a
-        place wins, as in ``Registry._record_location``); remember which were new."""
+        place wins, as in ``RecordWriter.record_location``); remember which were new."""
         wanted: dict[tuple[int, str], NewLocation] = {}
         for record in self.records:
             for output in record.outputs:
@@ -162,14 +143,26 @@ class _Batch:
         for chunk in _chunks(list(wanted.items()), UPSERT_CHUNK):
             statement = (
                 self._upsert(table)
-                .values([{"artifact_id": artifact_id, "uri": uri, "role": new.role,
-                          "details": dict(new.details), "created_by": self.user,
-                          "created_at": self.now} for (artifact_id, uri), new in chunk])
+                .values([location_values(artifact_id, new, self.user, self.now)
+                         for (artifact_id, _), new in chunk])
                 .on_conflict_do_nothing(index_elements=["artifact_id", "uri"])
                 .returning(table.c.id, table.c.artifact_id, table.c.uri)
             )
             for location_id, artifact_id, uri in self.session.execute(statement):
                 self.new_locations[(artifact_id, uri)] = location_id
+
+    def producers(self) -> dict[int, set[int]]:
+        """Artifact id -> the runs registered before the batch that produced it, for every
+        output of the batch."""
+        ids = sorted({self.artifacts[o.sha256][0] for r in self.records for o in r.outputs})
+        found: dict[int, set[int]] = {}
+        edges = RunEdgeRow.__table__
+        for chunk in _chunks(ids, READ_CHUNK):
+            query = select(edges.c.artifact_id, edges.c.run_id).where(
+                edges.c.artifact_id.in_(chunk), edges.c.direction == "output")
+            for artifact_id, run_id in self.session.execute(query):
+                found.setdefault(artifact_id, set()).add(run_id)
+        return found
 
     def resolve(self, ref: int | str, available: set[str]) -> int:
         """An artifact reference as an id; a sha256 must be available at this point."""
@@ -183,21 +176,21 @@ class _Batch:
         return ref
 
 
-def record_runs(registry: Registry, records: Sequence[RunRecord]) -> list[int]:
+def record_runs(registry: Registry, records: Sequence[EndedRun]) -> list[int]:
     """Store ``records`` as ended runs with their edges, outputs, metrics and ledger links, in
     one transaction; returns the new run ids in the order of ``records``."""
     if not records:
         return []
     # The registry's own write path: the chain lock (and SQLite's BEGIN IMMEDIATE) is held
     # from the first statement to the commit.
-    with registry._write() as (session, _chain):
-        return _record(session, records)
+    with registry.writer() as write:
+        return _record(write.session, records)
 
 
-def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
-    host, user = socket.gethostname(), _current_user()
+def _record(session: Session, records: Sequence[EndedRun]) -> list[int]:
+    host, user = socket.gethostname(), current_user()
     batch = _Batch(session, records, user)
-    refs = [ref for record in records for ref, _ in record.inputs]
+    refs = [item.artifact for record in records for item in record.inputs]
     metric_refs = [ref for record in records for metric in record.metrics
                    for ref in (metric.artifact_id, metric.dataset_artifact_id) if ref is not None]
     batch.known_artifacts(
@@ -206,12 +199,10 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
         {ref for ref in [*refs, *metric_refs] if isinstance(ref, int)})
     available = set(batch.artifacts)  # registered before the batch
     batch.upsert_outputs()
+    producers = batch.producers()
 
     run_ids = _insert(session, RunRow.__table__, [
-        {"job_id": r.job_id, "kind": r.kind, "name": r.name, "recipe": dict(r.recipe),
-         "recipe_sha256": json_sha256(r.recipe), "plugins": dict(r.plugins),
-         "versions": dict(r.versions), "details": {}, "flow_run_id": r.flow_run_id,
-         "host": host, "started_by": user, "started_at": batch.now} for r in records])
+        ended_run_values(r, user, batch.now, host) for r in records])
 
     # Per run, in the order the per-run calls write them; ids are filled in table by table.
     edges: list[dict[str, Any]] = []
@@ -221,14 +212,19 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
     chained_locations: set[tuple[int, str]] = set()
     for record, run_id in zip(records, run_ids, strict=True):
         steps: list[tuple[str, Any]] = [("runs", run_id)]
+        own: set[int] = set()
         for artifact_id, role in dict.fromkeys(
-                (batch.resolve(ref, available), role) for ref, role in record.inputs):
+                (batch.resolve(item.artifact, available), item.role) for item in record.inputs):
             steps.append(("run_edges", len(edges)))
-            edges.append({"run_id": run_id, "artifact_id": artifact_id, "direction": "input",
-                          "role": role})
+            edges.append(edge_values(run_id, artifact_id, "input", role))
+            own.add(artifact_id)
         outputs: dict[tuple[int, str], None] = {}
         for output in record.outputs:
             artifact_id = batch.artifacts[output.sha256][0]
+            check_producer(artifact_id, output.sha256, producers.setdefault(artifact_id, set()),
+                           run_id)
+            producers[artifact_id].add(run_id)
+            own.add(artifact_id)
             if output.sha256 in batch.new_artifacts and output.sha256 not in chained_artifacts:
                 chained_artifacts.add(output.sha256)
                 steps.append(("artifacts", artifact_id))
@@ -241,19 +237,17 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
             outputs[(artifact_id, output.role)] = None
         for artifact_id, role in outputs:
             steps.append(("run_edges", len(edges)))
-            edges.append({"run_id": run_id, "artifact_id": artifact_id, "direction": "output",
-                          "role": role})
+            edges.append(edge_values(run_id, artifact_id, "output", role))
         for metric in record.metrics:
             steps.append(("metrics", len(metrics)))
-            metrics.append(_metric_values(batch, run_id, metric, available))
+            metrics.append(_metric_values(batch, run_id, metric, available, own))
         plan.append(steps)
 
     edge_ids = _insert(session, RunEdgeRow.__table__, edges)
     metric_ids = _insert(session, MetricRow.__table__, metrics)
     completion_ids = _insert(session, RunCompletionRow.__table__, [
-        {"run_id": run_id, "status": "failed" if r.error is not None else "succeeded",
-         "details": {} if r.error is not None else dict(r.details), "error": r.error,
-         "finished_at": batch.now} for r, run_id in zip(records, run_ids, strict=True)])
+        completion_values(run_id, r.completion, batch.now)
+        for r, run_id in zip(records, run_ids, strict=True)])
     positions = {"run_edges": edge_ids, "metrics": metric_ids}
     links = [(kind, positions[kind][ref] if kind in positions else ref)
              for steps, completion_id in zip(plan, completion_ids, strict=True)
@@ -262,22 +256,20 @@ def _record(session: Session, records: Sequence[RunRecord]) -> list[int]:
     return run_ids
 
 
-def _metric_values(batch: _Batch, run_id: int, metric: NewMetric,
-                   available: set[str]) -> dict[str, Any]:
-    """A metric's row values with its artifact references resolved (unknown ones raise)."""
+def _metric_values(batch: _Batch, run_id: int, metric: NewMetric, available: set[str],
+                   own: set[int]) -> dict[str, Any]:
+    """A metric's row values with its artifact references resolved (unknown ones raise) and
+    checked to be one of the run's own inputs or outputs."""
     if metric.artifact_sha256 is not None:
         artifact_id = batch.resolve(metric.artifact_sha256, available)
     elif metric.artifact_id is not None:
         artifact_id = batch.resolve(metric.artifact_id, available)
     else:  # NewMetric.__post_init__ already refuses this
         raise ValueError(f"metric {metric.name!r} names no artifact")
+    check_measured(metric, artifact_id, own)
     if metric.dataset_artifact_id is not None:
         batch.resolve(metric.dataset_artifact_id, available)
-    return {"run_id": run_id, "artifact_id": artifact_id, "evaluator": metric.evaluator,
-            "dataset_artifact_id": metric.dataset_artifact_id, "name": metric.name,
-            "value": metric.value, "unit": metric.unit, "protocol": dict(metric.protocol),
-            "protocol_sha256": json_sha256(metric.protocol), "supersedes_id": None,
-            "created_at": batch.now}
+    return metric_values(run_id, artifact_id, metric, batch.now)
 
 
 def _chain(session: Session, links: list[tuple[str, int]]) -> None:

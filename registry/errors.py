@@ -46,6 +46,12 @@ class ArtifactConflict(RegistryError):
     """Content with this sha256 is already registered with a different size: a caller bug."""
 
 
+class InvalidClaim(RegistryError, ValueError):
+    """A record claims what the registry's rules forbid (a metric about an artifact the run
+    neither consumed nor produced, outputs of a run that did not succeed, content storage does
+    not hold); the message names the record."""
+
+
 class InvalidQuery(RegistryError, ValueError):
     """A search, filter or page request that cannot be answered as asked (bad operator, value,
     date or page size); the message names the offending part."""

@@ -130,7 +130,7 @@ def _read(
     registry: Registry, graph: LineageGraph
 ) -> tuple[list[ArtifactLocation], list[Correction], list[dict], tuple]:
     """Locations, corrections, ledger links and the chain's head, in one read transaction."""
-    with registry._transaction() as session:
+    with registry.session() as session:
         locations = _locations(session, graph)
         corrections = _corrections(session, graph)
         links = [_link_json(link) for link in _ledger_links(
@@ -228,7 +228,7 @@ def _check_against_chain(registry: Registry, doc: dict[str, Any], links: list[di
                          problems: list[str]) -> None:
     seqs = [link["seq"] for link in links]
     head_hash = doc.get("ledger", {}).get("head_hash")
-    with registry._transaction() as session:
+    with registry.session() as session:
         stored = dict(session.execute(select(LedgerRow.seq, LedgerRow.entry_hash).where(
             LedgerRow.seq.in_(seqs))).tuples().all()) if seqs else {}
         head_found = session.scalars(select(LedgerRow.seq).where(

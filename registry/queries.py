@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar, get_args
 
-from sqlalchemy import ColumnElement, Integer, String, cast, exists, func, select
+from sqlalchemy import ColumnElement, Integer, String, cast, exists, func, or_, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.functions import FunctionElement
@@ -31,8 +31,9 @@ from quantmill.registry.convert import (
 )
 from quantmill.registry.entities import Artifact, MetricRecord, Run
 from quantmill.registry.errors import InvalidQuery
+from quantmill.registry.lookup import HEX_RE, MIN_PREFIX, find_artifact_row
 from quantmill.registry.models import ArtifactRow, CorrectionRow, MetricRow, RunEdgeRow, RunRow
-from quantmill.registry.store import MIN_PREFIX, Registry, metric_superseded
+from quantmill.registry.store import Registry, metric_superseded
 
 #: The largest page a search returns: bigger answers are paged, never one unbounded read.
 MAX_PAGE_SIZE = 500
@@ -45,7 +46,6 @@ METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _FILTER_RE = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(<=|>=|<|>|=)\s*(\S+)\s*$")
 #: Longer metric filters are refused before any matching (and never echoed back whole).
 MAX_FILTER_LENGTH = 200
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
 
 T = TypeVar("T")
 
@@ -136,7 +136,7 @@ def check_reference(label: str, ref: int | str) -> int | str:
         return ref
     if isinstance(ref, str):
         prefix = ref.strip().lower()
-        if MIN_PREFIX <= len(prefix) <= 64 and _HEX_RE.match(prefix):
+        if MIN_PREFIX <= len(prefix) <= 64 and HEX_RE.match(prefix):
             return prefix
     raise InvalidQuery(
         f"{label}: {ref!r} is not an artifact id or a sha256 prefix of {MIN_PREFIX} to 64 hex "
@@ -304,7 +304,7 @@ def _conditions(
         bits = cast(ArtifactRow.metadata_["bits"].as_string(), String)
         conditions.append(bits == str(query.bits))
     if query.base_model is not None:
-        root = registry._artifact_row(session, query.base_model)
+        root = find_artifact_row(session, query.base_model)
         conditions.append(ArtifactRow.id.in_(reach(root.id, "downstream", include_root=False)))
     for metric in query.metrics:
         conditions.append(exists(
@@ -313,6 +313,7 @@ def _conditions(
                 MetricRow.name == metric.name,
                 _COMPARE[metric.op](MetricRow.value, metric.value),
                 ~metric_superseded(),
+                _by_producer(),
             )
         ))
     if query.created_after is not None:
@@ -327,6 +328,15 @@ def _conditions(
 # --- search ------------------------------------------------------------------------------------
 
 
+def _by_producer() -> Any:
+    """SQL condition on a ``MetricRow`` of ``ArtifactRow``: recorded by the run that produced
+    the artifact, or by any run when nothing produced it (a registered input). A search by
+    metric reads what the audited job measured, never a later claim by another run."""
+    produced = select(RunEdgeRow.run_id).where(RunEdgeRow.artifact_id == ArtifactRow.id,
+                                               RunEdgeRow.direction == "output")
+    return or_(MetricRow.run_id.in_(produced), ~exists(produced))
+
+
 def search_artifacts(
     registry: Registry, query: ArtifactQuery, limit: int = 50, offset: int = 0
 ) -> Page[Artifact]:
@@ -338,7 +348,7 @@ def search_artifacts(
     check_page(limit, offset)
     if not isinstance(query, ArtifactQuery):
         raise InvalidQuery(f"expected an ArtifactQuery, got {type(query).__name__}")
-    with registry._transaction() as session:
+    with registry.session() as session:
         conditions = _conditions(registry, session, query)
         total = session.scalar(select(func.count(ArtifactRow.id)).where(*conditions)) or 0
         rows = session.scalars(
@@ -389,7 +399,7 @@ def _roots(session: Session, artifact_id: int) -> list[Artifact]:
 
 
 def _side(registry: Registry, session: Session, ref: int | str) -> _Side:
-    row = registry._artifact_row(session, ref)
+    row = find_artifact_row(session, ref)
     metrics = [metric_entity(m) for m in session.scalars(
         select(MetricRow).where(MetricRow.artifact_id == row.id, ~metric_superseded())
         .order_by(MetricRow.id))]
@@ -466,7 +476,7 @@ def compare_artifacts(registry: Registry, a: int | str, b: int | str) -> dict[st
 
     Diffs are ``None`` when either artifact has no producing run (e.g. a base model).
     """
-    with registry._transaction() as session:
+    with registry.session() as session:
         side_a, side_b = _side(registry, session, a), _side(registry, session, b)
     roots_a = {root.id for root in side_a.roots}
     roots_b = {root.id for root in side_b.roots}
@@ -512,8 +522,8 @@ def describe_artifact(registry: Registry, ref: int | str) -> dict[str, Any]:
     that produced it, each with its full provenance (recipe, plugins and versions, software
     versions, host, who started it, flow run, times, status), its edges and corrections; and
     the ids of the runs that used it."""
-    with registry._transaction() as session:
-        row = registry._artifact_row(session, ref)
+    with registry.session() as session:
+        row = find_artifact_row(session, ref)
         artifact = artifact_entity(row)
         metrics = [metric_entity(m) for m in session.scalars(
             select(MetricRow).where(MetricRow.artifact_id == row.id).order_by(MetricRow.id))]

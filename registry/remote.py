@@ -5,7 +5,7 @@ Why one call and one transaction: a local flow starts a run, works for minutes, 
 API request can fail half-way: the run's start, inputs, outputs, metrics and end must therefore
 be stored together or not at all, so a broken request never leaves a run "running" forever.
 
-The run is described as plain data (``CompleteRun``, or the same as a JSON-like ``dict``) and
+The run is described as plain data (``writes.EndedRun``, or the same as a JSON-like ``dict``) and
 checked here, before any SQL, against everything the database would otherwise refuse with a
 driver error: unknown or missing keys, column lengths (PostgreSQL enforces them, SQLite does
 not), NaN and infinities (not JSON), integers too large for their column. Whoever calls this
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import MISSING, fields
+from typing import Any
 
 from sqlalchemy import Table
 
@@ -31,15 +31,13 @@ from quantmill.registry.models import (
     RunRow,
 )
 from quantmill.registry.store import Registry
+from quantmill.registry.writes import ClaimCheck, EndedRun, RunCompletion, RunInput
 
 #: Largest id of an ``Integer`` primary key, and largest ``BigInteger`` (sizes in bytes).
 MAX_ID = 2**31 - 1
 MAX_SIZE_BYTES = 2**63 - 1
 #: Recorded as the run's host when the worker does not say where it ran.
 UNKNOWN_HOST = "unknown"
-
-CompletionStatus = Literal["succeeded", "failed"]
-
 
 class InvalidRun(RegistryError, ValueError):
     """The run description is malformed: the message names the field and the problem."""
@@ -132,98 +130,67 @@ def _reference(where: str, value: Any) -> None:
         _integer(where, value, 1, MAX_ID)
 
 
-@dataclass(frozen=True, slots=True)
-class RunInput:
-    """An existing artifact the run consumed: its id or sha256 (prefix), and its role."""
+def ended_run_from_dict(data: Mapping[str, Any] | EndedRun) -> EndedRun:
+    """An ``EndedRun`` from plain data, refusing unknown and missing keys (a typo must not
+    vanish)."""
+    if isinstance(data, EndedRun):
+        return data
+    values = _fields_of(EndedRun, data, "run")
+    values["completion"] = RunCompletion(
+        **_fields_of(RunCompletion, values["completion"], "completion"))
+    values["inputs"] = tuple(
+        RunInput(**_fields_of(RunInput, item, f"inputs[{index}]"))
+        for index, item in enumerate(_items(values.get("inputs", ()), "inputs"))
+    )
+    values["outputs"] = tuple(
+        _output(item, f"outputs[{index}]")
+        for index, item in enumerate(_items(values.get("outputs", ()), "outputs"))
+    )
+    values["metrics"] = tuple(
+        _build(NewMetric, item, f"metrics[{index}]")
+        for index, item in enumerate(_items(values.get("metrics", ()), "metrics"))
+    )
+    _check_completion(values["completion"], values["outputs"], values["metrics"])
+    return EndedRun(**values)
 
-    artifact: int | str
-    role: str
+
+def check_ended_run(run: EndedRun) -> None:
+    """Everything the database would refuse, as one clear ``InvalidRun``."""
+    runs = RunRow.__table__
+    for name in ("job_id", "kind", "name"):
+        _text(name, getattr(run, name), runs, name)
+    _text("flow_run_id", run.flow_run_id, runs, "flow_run_id", optional=True)
+    _text("host", run.host, runs, "host", optional=True)
+    _document("recipe", run.recipe)
+    _document("plugins", run.plugins, values_are_text=True)
+    _document("versions", run.versions, values_are_text=True)
+    _document("details", run.details)
+    _check_completion(run.completion, run.outputs, run.metrics)
+    _document("completion.details", run.completion.details)
+    if run.completion.status == "failed":
+        _text("completion.error", run.completion.error, None, None)
+    for index, item in enumerate(run.inputs):
+        _reference(f"inputs[{index}].artifact", item.artifact)
+        _text(f"inputs[{index}].role", item.role, RunEdgeRow.__table__, "role")
+    for index, output in enumerate(run.outputs):
+        _check_output(f"outputs[{index}]", output)
+    for index, metric in enumerate(run.metrics):
+        _check_metric(f"metrics[{index}]", metric)
 
 
-@dataclass(frozen=True, slots=True)
-class RunCompletion:
-    """How the run ended; a failed run says why in ``error`` and records no outputs."""
-
-    status: CompletionStatus
-    details: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CompleteRun:
-    """A finished run as a remote worker reports it (see the module docstring)."""
-
-    job_id: str
-    kind: str
-    name: str
-    recipe: dict[str, Any]
-    plugins: dict[str, str]
-    versions: dict[str, str]
-    completion: RunCompletion
-    inputs: tuple[RunInput, ...] = ()
-    outputs: tuple[NewArtifact, ...] = ()
-    metrics: tuple[NewMetric, ...] = ()
-    details: dict[str, Any] = field(default_factory=dict)
-    flow_run_id: str | None = None
-    host: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CompleteRun:
-        """Build from plain data, refusing unknown and missing keys (a typo must not vanish)."""
-        values = _fields_of(cls, data, "run")
-        values["completion"] = RunCompletion(
-            **_fields_of(RunCompletion, values["completion"], "completion")
+def _check_completion(completion: RunCompletion, outputs: Any, metrics: Any) -> None:
+    if completion.status not in ("succeeded", "failed"):
+        raise InvalidRun(
+            f"completion.status is {completion.status!r}; use 'succeeded' or 'failed'"
         )
-        values["inputs"] = tuple(
-            RunInput(**_fields_of(RunInput, item, f"inputs[{index}]"))
-            for index, item in enumerate(_items(values.get("inputs", ()), "inputs"))
-        )
-        values["outputs"] = tuple(
-            _output(item, f"outputs[{index}]")
-            for index, item in enumerate(_items(values.get("outputs", ()), "outputs"))
-        )
-        values["metrics"] = tuple(
-            _build(NewMetric, item, f"metrics[{index}]")
-            for index, item in enumerate(_items(values.get("metrics", ()), "metrics"))
-        )
-        return cls(**values)
-
-    def check(self) -> None:
-        """Everything the database would refuse, as one clear ``InvalidRun``."""
-        runs = RunRow.__table__
-        for name in ("job_id", "kind", "name"):
-            _text(name, getattr(self, name), runs, name)
-        _text("flow_run_id", self.flow_run_id, runs, "flow_run_id", optional=True)
-        _text("host", self.host, runs, "host", optional=True)
-        _document("recipe", self.recipe)
-        _document("plugins", self.plugins, values_are_text=True)
-        _document("versions", self.versions, values_are_text=True)
-        _document("details", self.details)
-        self._check_completion()
-        for index, item in enumerate(self.inputs):
-            _reference(f"inputs[{index}].artifact", item.artifact)
-            _text(f"inputs[{index}].role", item.role, RunEdgeRow.__table__, "role")
-        for index, output in enumerate(self.outputs):
-            _check_output(f"outputs[{index}]", output)
-        for index, metric in enumerate(self.metrics):
-            _check_metric(f"metrics[{index}]", metric)
-
-    def _check_completion(self) -> None:
-        completion = self.completion
-        if completion.status not in ("succeeded", "failed"):
+    if completion.status == "failed":
+        if outputs or metrics:
             raise InvalidRun(
-                f"completion.status is {completion.status!r}; use 'succeeded' or 'failed'"
+                "a failed run records no outputs or metrics (as Registry.fail_run); "
+                "report them in a succeeded run"
             )
-        _document("completion.details", completion.details)
-        if completion.status == "failed":
-            _text("completion.error", completion.error, None, None)
-            if self.outputs or self.metrics:
-                raise InvalidRun(
-                    "a failed run records no outputs or metrics (as Registry.fail_run); "
-                    "report them in a succeeded run"
-                )
-        elif completion.error is not None:
-            raise InvalidRun("completion.error is only for failed runs")
+    elif completion.error is not None:
+        raise InvalidRun("completion.error is only for failed runs")
 
 
 def _items(value: Any, where: str) -> Sequence[Any]:
@@ -296,38 +263,17 @@ def _check_metric(where: str, metric: NewMetric) -> None:
     _integer(f"{where}.dataset_artifact_id", metric.dataset_artifact_id, 1, MAX_ID, optional=True)
 
 
-def record_run(registry: Registry, run: CompleteRun | Mapping[str, Any], started_by: str) -> Run:
+def record_run(registry: Registry, run: EndedRun | Mapping[str, Any], started_by: str,
+               claims: ClaimCheck | None = None) -> Run:
     """Register a finished run with its inputs, outputs, metrics and end, in ONE transaction.
 
     Inputs must already be registered (by id or sha256 prefix); outputs are upserted by sha256,
-    with their locations recorded as written by ``started_by``; metrics may name an output of
-    this very run by sha256. Any error stores nothing.
+    with their locations recorded as written by ``started_by``, after ``claims`` confirmed
+    each; metrics may name an output of this very run by sha256. Any error stores nothing.
     """
-    complete = run if isinstance(run, CompleteRun) else CompleteRun.from_dict(run)
-    complete.check()
+    ended = ended_run_from_dict(run)
+    check_ended_run(ended)
     _text("started_by", started_by, RunRow.__table__, "started_by")
-    completion = complete.completion
-    with registry._write() as (session, chain):
-        row = registry._insert_run(
-            session,
-            chain,
-            job_id=complete.job_id,
-            kind=complete.kind,
-            name=complete.name,
-            recipe=complete.recipe,
-            plugins=complete.plugins,
-            versions=complete.versions,
-            flow_run_id=complete.flow_run_id,
-            details=complete.details,
-            host=complete.host or UNKNOWN_HOST,
-            started_by=started_by,
-            inputs=[(item.artifact, item.role) for item in complete.inputs],
-        )
-        registry._record_results(
-            session, chain, row, complete.outputs, complete.metrics, recorded_by=started_by
-        )
-        done = registry._complete(
-            session, chain, row, completion.status, completion.details, completion.error
-        )
+    with registry.writer(recorded_by=started_by, claims=claims) as write:
+        row, done = write.record_ended(ended, started_by, UNKNOWN_HOST)
         return run_entity(row, done)
-

@@ -5,18 +5,13 @@ and returns frozen entities, never ORM rows. ``finish_run`` is a single transact
 outputs, edges, metrics and status appear together or not at all.
 """
 
-import getpass
-import os
-import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Self
 
-from sqlalchemy import Engine, Table, delete, exists, inspect, make_url, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine, exists, inspect, make_url, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -54,18 +49,15 @@ from quantmill.registry.entities import (
     RunEdge,
 )
 from quantmill.registry.errors import (
-    AmbiguousReference,
-    ArtifactConflict,
-    ArtifactNotFound,
     RegistryError,
     RegistryUnavailable,
     RunNotFound,
-    RunStateError,
     SchemaOutdated,
     SchemaTooNew,
 )
 from quantmill.registry.hashing import json_sha256
 from quantmill.registry.liveness import ProcessIdentity, gone_reason, this_process
+from quantmill.registry.lookup import MIN_PREFIX, find_artifact_row
 from quantmill.registry.models import (
     CORRECTION_TARGETS,
     ArtifactLocationRow,
@@ -80,10 +72,16 @@ from quantmill.registry.models import (
     utcnow,
 )
 from quantmill.registry.verify import Rehash, VerifyReport, verify
+from quantmill.registry.writes import (
+    ClaimCheck,
+    RecordWriter,
+    RunCompletion,
+    current_user,
+    run_values,
+)
 
-#: The shortest sha256 prefix accepted as an artifact reference (shorter ones collide too often).
-MIN_PREFIX = 6
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
+__all__ = ["MIN_PREFIX", "Registry", "metric_superseded", "upgrade_command"]
+
 
 
 def upgrade_command(url: str) -> str:
@@ -101,36 +99,6 @@ def metric_superseded() -> Any:
     """SQL condition: a later correction replaced this ``MetricRow`` (read the newer one)."""
     later = aliased(MetricRow, name="later_metric")
     return exists(select(later.id).where(later.supersedes_id == MetricRow.id))
-
-
-def insert_ignoring_conflict(
-    session: Session, table: Table, values: dict[str, Any], index_elements: list[str]
-) -> int | None:
-    """``INSERT ... ON CONFLICT (index_elements) DO NOTHING RETURNING id``: the new id, or None
-    when the row was already there.
-
-    Race-safe without savepoints: two writers inserting the same key at once both succeed, and
-    only the one that inserted chains the row. RETURNING, not rowcount, says which (rowcount is
-    not reliable for ON CONFLICT across drivers).
-    """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        statement = postgresql_insert(table)
-    elif dialect == "sqlite":
-        statement = sqlite_insert(table)
-    else:
-        raise RegistryError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
-    # A Core insert on the table: JSON columns go by their column names (e.g. "metadata").
-    guarded = statement.values(**values).on_conflict_do_nothing(index_elements=index_elements)
-    return session.execute(guarded.returning(table.c.id)).scalar_one_or_none()
-
-
-def _current_user() -> str:
-    """Who started a run; ``getpass`` fails in containers whose uid has no passwd entry."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
 class Registry:
@@ -228,21 +196,27 @@ class Registry:
         return f"Registry({self.url!r})"
 
     @contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        """One session and one transaction: commit when the block ends, roll back if it raises."""
+    def session(self) -> Iterator[Session]:
+        """One reading session and transaction: commit when the block ends, roll back if it
+        raises (for the registry's own query modules)."""
         with self._sessions.begin() as session:
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[tuple[Session, ChainWriter]]:
-        """A writing transaction and the chain writer for the records it appends.
+    def writer(self, recorded_by: str | None = None,
+               claims: ClaimCheck | None = None) -> Iterator[RecordWriter]:
+        """A writing transaction and the one record writer (``quantmill.registry.writes``):
+        everything written in the block is stored, chained, or none of it is.
 
         The writer takes the chain's lock first (see ``quantmill.registry.chain``): writes are
         serialised, which is what keeps one unforked chain with many concurrent workers.
+        ``recorded_by`` names who recorded locations (default: this user); ``claims`` checks
+        outputs the registry cannot vouch for.
         """
         with self._sessions.begin() as session:
             session.connection(execution_options={WRITE_OPTION: True})
-            yield session, ChainWriter(session)
+            yield RecordWriter(session, ChainWriter(session), recorded_by or current_user(),
+                               claims)
 
     # --- artifacts -----------------------------------------------------------------------------
 
@@ -274,68 +248,8 @@ class Registry:
             metadata=metadata or {},
             locations=tuple(locations),
         )
-        with self._write() as (session, chain):
-            return artifact_entity(self._upsert(session, chain, new, _current_user()))
-
-    def _upsert(
-        self, session: Session, chain: ChainWriter, new: NewArtifact, recorded_by: str
-    ) -> ArtifactRow:
-        """Insert unless the sha256 exists, then read the row back and record ``new``'s
-        locations (by ``recorded_by``) for it.
-
-        Race-safe: two writers may register the same content at once, and both then select
-        the one row (``insert_ignoring_conflict``).
-        """
-        values = {
-            "kind": new.kind,
-            "name": new.name,
-            "sha256": new.sha256,
-            "size_bytes": new.size_bytes,
-            "uri": new.uri,
-            "format": new.format,
-            "metadata": dict(new.metadata),
-            "created_at": utcnow(),
-        }
-        inserted = insert_ignoring_conflict(session, ArtifactRow.__table__, values, ["sha256"])
-        row = session.scalars(select(ArtifactRow).where(ArtifactRow.sha256 == new.sha256)).one()
-        if inserted is not None:
-            chain.append("artifacts", row.id)
-        if row.size_bytes != new.size_bytes:
-            raise ArtifactConflict(
-                f"sha256 {new.sha256} is registered with {row.size_bytes} bytes, "
-                f"not {new.size_bytes}"
-            )
-        for location in new.locations:
-            self._record_location(session, chain, row.id, location, recorded_by)
-        return row
-
-    @staticmethod
-    def _record_location(
-        session: Session,
-        chain: ChainWriter,
-        artifact_id: int,
-        new: NewLocation,
-        recorded_by: str,
-    ) -> ArtifactLocationRow:
-        """Append the location unless this (artifact, uri) is recorded already; the record
-        either way. The first record of a place wins, as the first registration of content."""
-        table = ArtifactLocationRow.__table__
-        values = {
-            "artifact_id": artifact_id,
-            "uri": new.uri,
-            "role": new.role,
-            "details": dict(new.details),
-            "created_by": recorded_by,
-            "created_at": utcnow(),
-        }
-        inserted = insert_ignoring_conflict(session, table, values, ["artifact_id", "uri"])
-        if inserted is not None:
-            chain.append("artifact_locations", inserted)
-        return session.scalars(
-            select(ArtifactLocationRow).where(
-                ArtifactLocationRow.artifact_id == artifact_id, ArtifactLocationRow.uri == new.uri
-            )
-        ).one()
+        with self.writer() as write:
+            return artifact_entity(write.upsert_artifact(new))
 
     def add_location(
         self,
@@ -350,16 +264,15 @@ class Registry:
         (with the role and details it was first recorded with).
         """
         new = NewLocation(uri=uri, role=role, details=details or {})
-        with self._write() as (session, chain):
-            artifact = self._artifact_row(session, ref)
-            row = self._record_location(session, chain, artifact.id, new, _current_user())
+        with self.writer() as write:
+            row = write.record_location(write.artifact_row(ref).id, new)
             return location_entity(row)
 
     def locations(self, ref: int | str) -> list[ArtifactLocation]:
         """Every place the artifact ``ref`` is stored: its primary ``uri`` first (synthesized,
         with ``id`` None, when no record names it), then the other records in id order."""
-        with self._transaction() as session:
-            artifact = self._artifact_row(session, ref)
+        with self.session() as session:
+            artifact = find_artifact_row(session, ref)
             rows = session.scalars(
                 select(ArtifactLocationRow).where(ArtifactLocationRow.artifact_id == artifact.id)
             ).all()
@@ -368,34 +281,8 @@ class Registry:
     def get_artifact(self, ref: int | str) -> Artifact:
         """The artifact with id ``ref`` (int), or whose sha256 is or starts with ``ref`` (str,
         at least 6 hex characters)."""
-        with self._transaction() as session:
-            return artifact_entity(self._artifact_row(session, ref))
-
-    def _artifact_row(self, session: Session, ref: int | str) -> ArtifactRow:
-        if isinstance(ref, int) and not isinstance(ref, bool):
-            row = session.get(ArtifactRow, ref)
-            if row is None:
-                raise ArtifactNotFound(f"no artifact with id {ref}")
-            return row
-        if not isinstance(ref, str):
-            raise TypeError(f"an artifact reference is an int id or a sha256 str, not {ref!r}")
-        prefix = ref.strip().lower()
-        if len(prefix) < MIN_PREFIX or len(prefix) > 64 or not _HEX_RE.match(prefix):
-            raise ArtifactNotFound(
-                f"no artifact matches {ref!r}: a reference is an id or a sha256 prefix of "
-                f"{MIN_PREFIX} to 64 hex characters"
-            )
-        # The prefix is plain hex, so it cannot contain LIKE wildcards.
-        rows = session.scalars(
-            select(ArtifactRow).where(ArtifactRow.sha256.like(f"{prefix}%")).limit(2)
-        ).all()
-        if not rows:
-            raise ArtifactNotFound(f"no artifact with a sha256 starting with {ref!r}")
-        if len(rows) > 1:
-            raise AmbiguousReference(
-                f"more than one artifact has a sha256 starting with {ref!r}; give more characters"
-            )
-        return rows[0]
+        with self.session() as session:
+            return artifact_entity(find_artifact_row(session, ref))
 
     def list_artifacts(
         self, kind: str | None = None, limit: int = 50, offset: int = 0
@@ -405,7 +292,7 @@ class Registry:
         if kind is not None:
             query = query.where(ArtifactRow.kind == kind)
         query = query.order_by(ArtifactRow.created_at.desc(), ArtifactRow.id.desc())
-        with self._transaction() as session:
+        with self.session() as session:
             rows = session.scalars(query.limit(limit).offset(offset))
             return [artifact_entity(row) for row in rows]
 
@@ -425,73 +312,17 @@ class Registry:
         inputs: Sequence[tuple[int, str]] = (),
     ) -> Run:
         """Record a run as ``running``, with its ``(artifact_id, role)`` input edges."""
-        with self._write() as (session, chain):
-            row = self._insert_run(
-                session,
-                chain,
-                job_id=job_id,
-                kind=kind,
-                name=name,
-                recipe=recipe,
-                plugins=plugins,
-                versions=versions,
-                flow_run_id=flow_run_id,
-                details=details or {},
-                host=socket.gethostname(),
-                started_by=_current_user(),
-                inputs=inputs,
-            )
+        with self.writer() as write:
+            row = write.start_run(run_values(
+                job_id=job_id, kind=kind, name=name, recipe=recipe, plugins=plugins,
+                versions=versions, details=details or {}, flow_run_id=flow_run_id,
+                host=socket.gethostname(), started_by=current_user(), started_at=utcnow(),
+            ), inputs)
             me = this_process()
-            session.add(RunHeartbeatRow(run_id=row.id, host=me.host, pid=me.pid,
-                                        boot_id=me.boot_id, process_start=me.process_start,
-                                        beat_at=row.started_at))
+            write.session.add(RunHeartbeatRow(run_id=row.id, host=me.host, pid=me.pid,
+                                              boot_id=me.boot_id, process_start=me.process_start,
+                                              beat_at=row.started_at))
             return run_entity(row, None)
-
-    def _insert_run(
-        self,
-        session: Session,
-        chain: ChainWriter,
-        *,
-        job_id: str,
-        kind: str,
-        name: str,
-        recipe: dict[str, Any],
-        plugins: dict[str, str],
-        versions: dict[str, str],
-        flow_run_id: str | None,
-        details: dict[str, Any],
-        host: str,
-        started_by: str,
-        inputs: Sequence[tuple[int | str, str]],
-    ) -> RunRow:
-        """Insert a run's start record and its input edges (inputs named by id or sha256
-        prefix); shared with ``quantmill.registry.remote``, which records whole runs at once."""
-        row = RunRow(
-            job_id=job_id,
-            kind=kind,
-            name=name,
-            recipe=dict(recipe),
-            recipe_sha256=json_sha256(recipe),
-            plugins=dict(plugins),
-            versions=dict(versions),
-            details=dict(details),
-            flow_run_id=flow_run_id,
-            host=host,
-            started_by=started_by,
-            started_at=utcnow(),
-        )
-        session.add(row)
-        session.flush()
-        chain.append("runs", row.id)
-        edges: dict[tuple[int, str], None] = {}
-        for ref, role in inputs:
-            edges[(self._artifact_row(session, ref).id, role)] = None
-        for artifact_id, role in edges:
-            edge = RunEdgeRow(run_id=row.id, artifact_id=artifact_id, direction="input", role=role)
-            session.add(edge)
-            session.flush()
-            chain.append("run_edges", edge.id)
-        return row
 
     def finish_run(
         self,
@@ -500,115 +331,43 @@ class Registry:
         outputs: Sequence[NewArtifact | tuple[int, str]] = (),
         metrics: Sequence[NewMetric] = (),
         details: dict[str, Any] | None = None,
+        inputs: Sequence[tuple[int | str, str]] = (),
     ) -> Run:
         """Mark a running run ``succeeded`` with its outputs and metrics, in ONE transaction.
 
         ``outputs`` are new artifacts (upserted by sha256, their ``locations`` recorded with
         them) or ``(artifact_id, role)`` pairs; ``metrics`` may name their artifact by sha256
-        (e.g. an output of this very call) or id.
+        (e.g. an output of this very call) or id; ``inputs`` are further ``(artifact, role)``
+        inputs known only at the end (an artifact the run reproduced).
         ``details`` keys are merged into the run's details. On any error nothing of this call
         is stored and the run stays ``running``: call ``fail_run`` then.
         """
-        with self._write() as (session, chain):
-            run = self._running_run(session, run_id)
-            self._record_results(session, chain, run, outputs, metrics, _current_user())
-            completion = self._complete(session, chain, run, "succeeded", details or {}, None)
+        with self.writer() as write:
+            run = write.open_run(run_id)
+            write.record_results(run, outputs, metrics, inputs)
+            completion = write.complete(run, RunCompletion("succeeded", details or {}))
             return run_entity(run, completion)
-
-    def _record_results(
-        self,
-        session: Session,
-        chain: ChainWriter,
-        run: RunRow,
-        outputs: Sequence[NewArtifact | tuple[int, str]],
-        metrics: Sequence[NewMetric],
-        recorded_by: str,
-    ) -> None:
-        """Insert a run's output artifacts (with their locations, recorded by ``recorded_by``)
-        and edges, then its metrics (which may name those outputs by sha256); shared with
-        ``quantmill.registry.remote``."""
-        edges: dict[tuple[int, str], None] = {}
-        for output in outputs:
-            if isinstance(output, NewArtifact):
-                artifact = self._upsert(session, chain, output, recorded_by)
-                edges[(artifact.id, output.role)] = None
-            else:
-                artifact_id, role = output
-                edges[(self._artifact_row(session, artifact_id).id, role)] = None
-        for artifact_id, role in edges:
-            edge = RunEdgeRow(
-                run_id=run.id, artifact_id=artifact_id, direction="output", role=role
-            )
-            session.add(edge)
-            session.flush()
-            chain.append("run_edges", edge.id)
-        for metric in metrics:
-            metric_row = self._metric_row(session, run.id, metric)
-            session.add(metric_row)
-            session.flush()
-            chain.append("metrics", metric_row.id)
-
-    @staticmethod
-    def _complete(
-        session: Session,
-        chain: ChainWriter,
-        run: RunRow,
-        status: str,
-        details: dict[str, Any],
-        error: str | None,
-    ) -> RunCompletionRow:
-        completion = RunCompletionRow(
-            run_id=run.id, status=status, details=dict(details), error=error, finished_at=utcnow()
-        )
-        session.add(completion)
-        session.flush()
-        chain.append("run_completions", completion.id)
-        session.execute(delete(RunHeartbeatRow).where(RunHeartbeatRow.run_id == run.id))
-        return completion
-
-    def _metric_row(self, session: Session, run_id: int, metric: NewMetric) -> MetricRow:
-        """A metric row with its artifact references resolved (unknown ones raise)."""
-        if metric.artifact_sha256 is not None:
-            found = session.scalars(
-                select(ArtifactRow.id).where(ArtifactRow.sha256 == metric.artifact_sha256)
-            ).one_or_none()
-            if found is None:
-                raise ArtifactNotFound(
-                    f"metric {metric.name!r} refers to artifact sha256 {metric.artifact_sha256}, "
-                    f"which is neither an output of this run nor registered"
-                )
-            artifact_id = found
-        elif metric.artifact_id is not None:
-            artifact_id = self._artifact_row(session, metric.artifact_id).id
-        else:  # NewMetric.__post_init__ already refuses this
-            raise ValueError(f"metric {metric.name!r} names no artifact")
-        if metric.dataset_artifact_id is not None:
-            self._artifact_row(session, metric.dataset_artifact_id)
-        return MetricRow(
-            run_id=run_id,
-            artifact_id=artifact_id,
-            evaluator=metric.evaluator,
-            dataset_artifact_id=metric.dataset_artifact_id,
-            name=metric.name,
-            value=metric.value,
-            unit=metric.unit,
-            protocol=dict(metric.protocol),
-            protocol_sha256=json_sha256(metric.protocol),
-            created_at=utcnow(),
-        )
 
     def fail_run(self, run_id: int, error: str) -> Run:
         """Mark a running run ``failed`` with the error text."""
-        with self._write() as (session, chain):
-            run = self._running_run(session, run_id)
-            completion = self._complete(session, chain, run, "failed", {}, error)
+        with self.writer() as write:
+            run = write.open_run(run_id)
+            completion = write.complete(run, RunCompletion("failed", {}, error))
             return run_entity(run, completion)
+
+    def producer(self, ref: int | str) -> int | None:
+        """The id of the run that produced the artifact, or None (a registered input)."""
+        with self.session() as session:
+            artifact = find_artifact_row(session, ref)
+            return session.scalars(select(RunEdgeRow.run_id).where(
+                RunEdgeRow.artifact_id == artifact.id,
+                RunEdgeRow.direction == "output")).first()
 
     def beat(self) -> int:
         """Say that this process's running runs are alive (a heartbeat thread calls this);
         the number of runs it beat for."""
         me = this_process()
-        with self._transaction() as session:
+        with self.session() as session:
             result = session.execute(
                 update(RunHeartbeatRow)
                 .where(RunHeartbeatRow.host == me.host, RunHeartbeatRow.pid == me.pid,
@@ -627,8 +386,8 @@ class Registry:
         Returns each abandoned run (as it would be, with ``dry_run``) and why."""
         now = utcnow()
         found: list[tuple[Run, str]] = []
-        with self._write() as (session, chain):
-            rows = session.execute(
+        with self.writer() as write:
+            rows = write.session.execute(
                 select(RunRow, RunHeartbeatRow)
                 .outerjoin(RunHeartbeatRow, RunHeartbeatRow.run_id == RunRow.id)
                 .where(~exists().where(RunCompletionRow.run_id == RunRow.id))
@@ -648,32 +407,19 @@ class Registry:
                 if reason is None:
                     continue
                 details = {"abandoned": {"reason": reason, "heartbeat": heartbeat,
-                                         "reaped_by": _current_user(),
+                                         "reaped_by": current_user(),
                                          "reaped_on": socket.gethostname()}}
                 if dry_run:
                     found.append((run_entity(run, None), reason))
                     continue
-                completion = self._complete(session, chain, run, "abandoned", details,
-                                            f"abandoned: {reason}")
+                completion = write.complete(run, RunCompletion("abandoned", details,
+                                                               f"abandoned: {reason}"))
                 found.append((run_entity(run, completion), reason))
         return found
 
-    def _running_run(self, session: Session, run_id: int) -> RunRow:
-        """The run, if it has not ended yet. Callers hold the chain lock (``_write``), so no
-        other writer can complete it before this transaction commits."""
-        run = session.get(RunRow, run_id)
-        if run is None:
-            raise RunNotFound(f"no run with id {run_id}")
-        done = session.scalars(
-            select(RunCompletionRow.status).where(RunCompletionRow.run_id == run_id)
-        ).first()
-        if done is not None:
-            raise RunStateError(f"run {run_id} is already {done}, not running")
-        return run
-
     def get_run(self, run_id: int) -> Run:
         """The run with this id."""
-        with self._transaction() as session:
+        with self.session() as session:
             found = session.execute(runs_query().where(RunRow.id == run_id)).first()
             if found is None:
                 raise RunNotFound(f"no run with id {run_id}")
@@ -699,13 +445,13 @@ class Registry:
         elif status is not None:
             query = query.where(RunCompletionRow.status == status)
         query = query.order_by(RunRow.started_at.desc(), RunRow.id.desc())
-        with self._transaction() as session:
+        with self.session() as session:
             rows = session.execute(query.limit(limit).offset(offset))
             return [run_entity(row, done) for row, done in rows]
 
     def run_edges(self, run_id: int) -> list[RunEdge]:
         """The run's input and output edges (inputs first)."""
-        with self._transaction() as session:
+        with self.session() as session:
             rows = session.scalars(select(RunEdgeRow).where(RunEdgeRow.run_id == run_id))
             edges = [edge_entity(row) for row in rows]
         return sorted(edges, key=lambda e: (e.direction, e.artifact_id, e.role))
@@ -715,13 +461,13 @@ class Registry:
     def metrics_for_artifact(self, artifact_id: int) -> list[MetricRecord]:
         """Every measurement of the artifact, oldest first."""
         query = select(MetricRow).where(MetricRow.artifact_id == artifact_id)
-        with self._transaction() as session:
+        with self.session() as session:
             return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
 
     def metrics_for_run(self, run_id: int) -> list[MetricRecord]:
         """Every measurement recorded by the run, in recording order."""
         query = select(MetricRow).where(MetricRow.run_id == run_id)
-        with self._transaction() as session:
+        with self.session() as session:
             return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
 
     def find_metrics(
@@ -747,19 +493,19 @@ class Registry:
             query = query.where(MetricRow.dataset_artifact_id.is_(None))
         else:
             query = query.where(MetricRow.dataset_artifact_id == dataset_artifact_id)
-        with self._transaction() as session:
+        with self.session() as session:
             return [metric_entity(row) for row in session.scalars(query.order_by(MetricRow.id))]
 
     # --- lineage -------------------------------------------------------------------------------
 
     def upstream(self, artifact_id: int, max_depth: int = 50) -> LineageGraph:
         """What the artifact was made from, up to ``max_depth`` runs back."""
-        with self._transaction() as session:
+        with self.session() as session:
             return lineage.upstream(session, artifact_id, max_depth)
 
     def downstream(self, artifact_id: int, max_depth: int = 50) -> LineageGraph:
         """What was made from the artifact, up to ``max_depth`` runs forward."""
-        with self._transaction() as session:
+        with self.session() as session:
             return lineage.downstream(session, artifact_id, max_depth)
 
     # --- corrections ---------------------------------------------------------------------------
@@ -785,10 +531,10 @@ class Registry:
             raise RegistryError("a correction needs at least one changed field")
         if not reason.strip():
             raise RegistryError("a correction needs a reason")
-        with self._write() as (session, chain):
-            self._check_target(session, target_type, target_id)
-            row = self._add_correction(session, chain, target_type, target_id, changes, reason,
-                                       author)
+        with self.writer() as write:
+            self._check_target(write.session, target_type, target_id)
+            row = self._add_correction(write.session, write.chain, target_type, target_id,
+                                       changes, reason, author)
             return correction_entity(row)
 
     @staticmethod
@@ -806,7 +552,7 @@ class Registry:
             target_id=target_id,
             changes=dict(changes),
             reason=reason,
-            author=author or _current_user(),
+            author=author or current_user(),
             created_at=utcnow(),
         )
         session.add(row)
@@ -821,7 +567,8 @@ class Registry:
         reuse read the newest), plus a correction record saying why."""
         if not reason.strip():
             raise RegistryError("a correction needs a reason")
-        with self._write() as (session, chain):
+        with self.writer() as write:
+            session, chain = write.session, write.chain
             old = session.get(MetricRow, metric_id)
             if old is None:
                 raise RegistryError(f"no metric with id {metric_id}")
@@ -859,7 +606,7 @@ class Registry:
             .where(CorrectionRow.target_type == target_type, CorrectionRow.target_id == target_id)
             .order_by(CorrectionRow.id)
         )
-        with self._transaction() as session:
+        with self.session() as session:
             return [correction_entity(row) for row in session.scalars(query)]
 
     def _check_target(self, session: Session, target_type: str, target_id: int) -> None:
@@ -872,7 +619,7 @@ class Registry:
     def head(self) -> tuple[int, str]:
         """``(number of links, head hash)`` of the ledger: write it down to anchor a later
         ``verify``."""
-        with self._transaction() as session:
+        with self.session() as session:
             return tail(session)
 
     def verify(

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from quantmill.registry.convert import as_utc
 from quantmill.registry.errors import RegistryError
 from quantmill.registry.models import TOKEN_ROLES, ApiTokenRevocationRow, ApiTokenRow, utcnow
-from quantmill.registry.store import Registry, _current_user
+from quantmill.registry.store import Registry
+from quantmill.registry.writes import current_user
 
 #: Every token starts with this, so a leaked one is recognisable (e.g. by secret scanners).
 TOKEN_PREFIX = "qm_"
@@ -103,7 +104,7 @@ def _check_name(name: str) -> None:
 
 def _who(person: str | None) -> str:
     """Who created or revoked a token (the local user by default), as the column can hold it."""
-    who = person or _current_user()
+    who = person or current_user()
     if "\x00" in who:
         raise TokenError("a creator or revoker name cannot contain a NUL character")
     if len(who) > _MAX_PERSON_CHARS:
@@ -122,7 +123,8 @@ def create_token(
         raise TokenError(f"invalid token role {role!r}: use one of {', '.join(TOKEN_ROLES)}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     # The chain lock serialises writers, so the name check below cannot race another create.
-    with registry._write() as (session, chain):
+    with registry.writer() as write:
+        session, chain = write.session, write.chain
         taken = session.scalars(select(ApiTokenRow.id).where(ApiTokenRow.name == name)).first()
         if taken is not None:
             raise TokenError(f"a token named {name!r} exists already (names are never reused)")
@@ -156,7 +158,8 @@ def revoke_token(
         raise TokenNotFound(f"no token named {name!r}")
     if "\x00" in str(reason):
         raise TokenError("a revocation reason cannot contain a NUL character")
-    with registry._write() as (session, chain):
+    with registry.writer() as write:
+        session, chain = write.session, write.chain
         row, earlier = _token_by_name(session, name)
         if earlier is not None:
             raise TokenError(
@@ -173,7 +176,7 @@ def revoke_token(
 
 def list_tokens(registry: Registry) -> list[ApiToken]:
     """Every token ever created, revoked ones included, oldest first."""
-    with registry._transaction() as session:
+    with registry.session() as session:
         rows = session.execute(_tokens_query().order_by(ApiTokenRow.id))
         return [_entity(row, revocation) for row, revocation in rows]
 
@@ -191,7 +194,7 @@ def authenticate(registry: Registry, token: str) -> ApiToken | None:
     ):
         return None
     query = _tokens_query().where(ApiTokenRow.token_sha256 == token_sha256(token))
-    with registry._transaction() as session:
+    with registry.session() as session:
         found = session.execute(query).first()
         if found is None or found[1] is not None:
             return None

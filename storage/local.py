@@ -57,6 +57,17 @@ class LocalStorage(StorageBackend):
         work = self.root / "work"
         return sorted(p.name for p in work.iterdir() if p.is_dir()) if work.is_dir() else []
 
+    def holds(self, uri: str) -> bool:
+        """A file:// URI of an object in this root's layout, with no link leading out."""
+        try:
+            path = _local_path(uri)
+        except QuantmillError:
+            return False
+        if not _SHA256_NAME.match(path.name) or ".." in path.parts:
+            return False
+        objects = self.root / "objects" / "sha256"
+        return path == objects / path.name[:2] / path.name and path.resolve() == path
+
     def object_path(self, sha256: str) -> Path:
         return self.root / "objects" / "sha256" / sha256[:2] / sha256
 

@@ -212,6 +212,17 @@ class S3Storage(StorageBackend):
                 options[name] = details[name]
         return cls(S3StorageConfig.model_validate(options))
 
+    def holds(self, uri: str) -> bool:
+        """An ``s3://`` URI of a blob or tree of this bucket and prefix's layout."""
+        try:
+            location = parse_s3_uri(uri)
+        except QuantmillError:
+            return False
+        match = _layout(location.key)
+        prefix = f"{self.config.prefix}/" if self.config.prefix else ""
+        return (location.bucket == self.config.bucket and match is not None
+                and match["root"] == prefix)
+
     def _key(self, kind: str, sha256: str) -> str:
         prefix = f"{self.config.prefix}/" if self.config.prefix else ""
         return f"{prefix}{kind}/sha256/{sha256[:2]}/{sha256}"

@@ -17,6 +17,7 @@ import torch
 
 from quantmill.plugins.base import LoadedModel, ModelSource
 from quantmill.plugins.errors import QuantmillError
+from quantmill.plugins.models.headers import check_safetensors_file
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -95,6 +96,7 @@ class OwnLayoutSource(ModelSource):
         if not (path / "model.safetensors").is_file():
             raise QuantmillError(f"no model.safetensors in {self.layout} checkpoint "
                                  f"directory {path}")
+        check_safetensors_file(path / "model.safetensors")
         self.read_config(path)
 
     def accepts(self, path: Path) -> bool:

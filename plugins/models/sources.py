@@ -19,6 +19,7 @@ from quantmill.plugins.errors import QuantmillError
 from quantmill.plugins.hookspecs import hookimpl
 from quantmill.plugins.models import deferred as deferred_weights
 from quantmill.plugins.models.gguf_stream import STREAMABLE, GGUFTensors
+from quantmill.plugins.models.headers import check_gguf_file, check_safetensors_file
 from quantmill.plugins.models.lazy_tokenizer import LazyTokenizer
 from quantmill.plugins.models.materialize import alias_tied, materialize_non_persistent_buffers
 from quantmill.plugins.models.memory import release_free_memory
@@ -57,7 +58,10 @@ def check_weights_directory(path: Path) -> None:
         raise QuantmillError(f"model path is not a directory: {path}")
     if not (path / "config.json").is_file():
         raise QuantmillError(f"no config.json in model directory {path}")
-    if _safetensors_files(path):
+    files = _safetensors_files(path)
+    if files:
+        for file in files:
+            check_safetensors_file(file)
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -181,6 +185,7 @@ class GGUFSource(ModelSource):
         with path.open("rb") as handle:
             if handle.read(4) != GGUF_MAGIC:
                 raise QuantmillError(f"{path} is not a GGUF file (bad magic bytes)")
+        check_gguf_file(path)
 
     def accepts(self, path: Path) -> bool:
         return path.is_file() and path.suffix == ".gguf"

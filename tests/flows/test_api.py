@@ -103,8 +103,22 @@ def seed(registry: Registry) -> tuple[Artifact, Artifact, Artifact, int]:
     return base, dataset, registry.get_artifact(sha("ckpt")), run.id
 
 
+def stored_remote_checkpoint() -> str:
+    """The content ``remote_run`` claims, stored in the default (local) storage: its URI."""
+    from quantmill.storage.local import LocalStorage
+
+    storage = LocalStorage()
+    if not storage.object_path(sha("remote")).exists():
+        source = storage.root.parent / "remote-upload"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(b"remote")
+        storage.put_tree(source, consume=True)
+    return storage.object_path(sha("remote")).as_uri()
+
+
 @pytest.fixture
-def world(registry: Registry, db_url: str) -> Iterator[World]:
+def world(registry: Registry, db_url: str, quantmill_home: Path) -> Iterator[World]:
+    stored_remote_checkpoint()
     base, dataset, checkpoint, run_id = seed(registry)
     auditor, _ = create_token(registry, "auditor-1", "auditor")
     writer, _ = create_token(registry, "writer-1", "writer")
@@ -114,7 +128,7 @@ def world(registry: Registry, db_url: str) -> Iterator[World]:
 
 def state(registry: Registry) -> tuple[Any, dict[str, int]]:
     """The ledger head and every table's row count: equal before and after = nothing written."""
-    with registry._transaction() as session:
+    with registry.session() as session:
         counts = {table: session.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
                   for table in ALL_TABLES}
     return registry.head(), counts
@@ -136,7 +150,7 @@ def remote_run(base_ref: int | str, **changes: Any) -> dict[str, Any]:
         "host": "gpu-node-7",
         "inputs": [{"artifact": base_ref, "role": "model"}],
         "outputs": [{"kind": "checkpoint", "name": "smollm2-gptq3", "sha256": sha("remote"),
-                     "size_bytes": 40, "uri": "s3://bucket/remote", "format": "gptq",
+                     "size_bytes": 6, "uri": stored_remote_checkpoint(), "format": "gptq",
                      "role": "checkpoint", "metadata": {"method": "gptq", "bits": 3}}],
         "metrics": [{"evaluator": "perplexity", "name": "perplexity", "value": 31,
                      "artifact_sha256": sha("remote")}],
@@ -529,7 +543,7 @@ def _bad_bodies(base_id: int) -> list[tuple[Any, int, str]]:
          "exactly one of artifact_sha256 or artifact_id"),
         (changed(metrics=[{**good["metrics"][0], "artifact_sha256": sha("nowhere")}]), 422,
          "neither an output of this run nor registered"),
-        (output(sha256=sha("base")), 409, "registered with 100 bytes"),
+        (output(sha256=sha("base")), 422, "not the claimed"),  # storage holds other bytes
         ([good], 422, "body"),
         ("not json", 422, "JSON"),
     ]
@@ -641,3 +655,82 @@ def test_a_writer_reaps_runs_whose_process_died(world: World) -> None:
     listed = world.get("/runs", world.auditor, params={"status": "abandoned"}).json()["items"]
     assert [r["id"] for r in listed] == [run.id]
     assert world.client.post("/runs/reap", headers=bearer(world.writer)).json()["items"] == []
+
+
+@pytest.mark.parametrize("uri", [
+    "file:///etc/shadow", "../../../etc/passwd", "http://evil.example/x", "javascript:alert(1)",
+    "file:///dev/zero", "s3://bucket/remote", "file:///tmp/../etc/passwd"])
+def test_a_writer_cannot_register_what_storage_does_not_hold(world: World, uri: str) -> None:
+    before = state(world.registry)
+    body = remote_run(world.base.id)
+    body["outputs"][0]["uri"] = uri
+    response = world.post_run(body, world.writer)
+    assert response.status_code == 422, response.text
+    assert "is not an object of a storage this service accepts" in response.json()["detail"]
+    assert_unchanged(world.registry, before)
+
+
+def test_a_writer_cannot_claim_unstored_or_misdescribed_content(world: World) -> None:
+    before = state(world.registry)
+    body = remote_run(world.base.id)
+    real = body["outputs"][0]["uri"]
+    from quantmill.storage.local import LocalStorage
+
+    assert real == LocalStorage().object_path(sha("remote")).as_uri()
+    never = {**body["outputs"][0], "sha256": sha("never stored"),
+             "uri": LocalStorage().object_path(sha("never stored")).as_uri()}
+    wrong_hash = {**body["outputs"][0], "sha256": sha("other")}
+    for output, message in ((never, "nothing readable is stored"),
+                            (wrong_hash, "not the claimed")):
+        response = world.post_run({**body, "outputs": [output], "metrics": []}, world.writer)
+        assert response.status_code == 422, response.text
+        assert message in response.json()["detail"]
+    assert_unchanged(world.registry, before)
+    assert world.post_run(body, world.writer).status_code == 201  # the honest claim
+
+
+def test_a_writer_cannot_take_over_or_grade_another_runs_checkpoint(world: World) -> None:
+    """The seeded run produced ``ckpt``: a new run can neither claim it as its output nor
+    attach a metric to it without naming it as an input; and a rating by a run that merely
+    read it never changes what a search by metric finds."""
+    from quantmill.registry.queries import ArtifactQuery, parse_metric_filter, search_artifacts
+
+    before = state(world.registry)
+    stolen = {"kind": "checkpoint", "name": "mine", "sha256": world.checkpoint.sha256,
+              "size_bytes": 50, "uri": world.checkpoint.uri, "format": "gptq", "role": "c"}
+    flattering = [{"evaluator": "perplexity", "name": "perplexity", "value": 1.0,
+                   "artifact_id": world.checkpoint.id}]
+    claimed = world.post_run(remote_run(world.base.id, outputs=[stolen], metrics=flattering),
+                             world.writer)
+    assert claimed.status_code in (409, 422), claimed.text
+    graded = world.post_run(remote_run(world.base.id, outputs=[], metrics=flattering),
+                            world.writer)
+    assert graded.status_code == 422, graded.text
+    assert "neither an input nor an output of this run" in graded.json()["detail"]
+    assert_unchanged(world.registry, before)
+    # naming it as an input, a run may measure it; the search still reads the producer's value
+    reader = remote_run(world.checkpoint.id, outputs=[], metrics=flattering)
+    assert world.post_run(reader, world.writer).status_code == 201
+    query = ArtifactQuery(kind="checkpoint", metrics=(parse_metric_filter("perplexity<2"),))
+    assert search_artifacts(world.registry, query).total == 0
+    honest = ArtifactQuery(kind="checkpoint", metrics=(parse_metric_filter("perplexity<28"),))
+    assert [a.id for a in search_artifacts(world.registry, honest).items] == [world.checkpoint.id]
+
+
+def test_response_models_carry_every_field_of_the_entities() -> None:
+    """A field added to an entity (or to verify's report) and not to its response model would
+    be dropped silently by FastAPI: the two must name the same fields."""
+    import dataclasses
+
+    from quantmill.flows import api_models
+    from quantmill.registry import entities
+    from quantmill.registry.verify import VerifyReport
+
+    pairs = [(api_models.ArtifactOut, entities.Artifact), (api_models.RunOut, entities.Run),
+             (api_models.MetricOut, entities.MetricRecord),
+             (api_models.CorrectionOut, entities.Correction),
+             (api_models.EdgeOut, entities.RunEdge),
+             (api_models.LocationOut, entities.ArtifactLocation)]
+    for model, entity in pairs:
+        assert set(model.model_fields) == {f.name for f in dataclasses.fields(entity)}, model
+    assert set(api_models.VerifyOut.model_fields) == set(VerifyReport().to_json()) | {"head"}

@@ -140,3 +140,108 @@ def test_bad_database_url(url: str, message: str, quantmill_home: Path) -> None:
 def test_unknown_artifact(args: list[str], message: str, quantmill_home: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr
+
+
+def _one_line_refusal(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    err = result.stderr.strip()
+    assert result.exit_code == 2, (err, result.exception)
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
+
+
+MALFORMED_RECIPES = [
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not a YAML text file (not UTF-8"),
+    ("bad syntax", b"name: [unclosed\nmodel: {", "is not valid YAML"),
+    ("deep flow YAML", b"name: x\nmodel: " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    ("deep block YAML", b"name: x\nextra:\n" + b"".join(
+        b"  " * i + b"k:\n" for i in range(1, 60)) + b"  " * 60 + b"v: 1\n",
+     "nested too deeply"),
+    ("a list", b"- name: x\n", "a recipe must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("label,content,message", MALFORMED_RECIPES,
+                         ids=[c[0] for c in MALFORMED_RECIPES])
+def test_malformed_recipe_files_get_one_line(tmp_path: Path, quantmill_home: Path,
+                                             command: str, label: str, content: bytes,
+                                             message: str) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(content)
+    _one_line_refusal([command, str(recipe)], message)
+    _assert_nothing_registered(quantmill_home)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("''", "invalid 'name'"), ("'   '", "the recipe's name is blank"),
+    ('"a\\nb"', "control character")])
+def test_a_recipe_must_be_named(tiny_recipe, quantmill_home: Path, name: str,
+                                message: str) -> None:
+    recipe = tiny_recipe()
+    text = "\n".join(f"name: {name}" if line.startswith("name:") else line
+                     for line in recipe.read_text().splitlines())
+    recipe.write_text(text + "\n")
+    for command in ("validate", "run"):
+        _one_line_refusal([command, str(recipe)], message)
+    _assert_nothing_registered(quantmill_home)
+
+
+def _corrupt_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+    import struct
+
+    model = tmp_path / f"model-{how}"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    if how == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "huge header":
+        weights.write_bytes(struct.pack("<Q", 10**12) + data[8:])
+    elif how == "garbage header":
+        (length,) = struct.unpack("<Q", data[:8])
+        weights.write_bytes(data[:8] + b"\xff" * length + data[8 + length:])
+    return model
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncated", "is truncated: tensor"),
+    ("huge header", "is truncated or not a safetensors file: its header claims"),
+    ("garbage header", "has a corrupt safetensors header")])
+def test_a_corrupt_safetensors_model_is_refused_at_validation(
+        tiny_recipe, tiny_model_dir: Path, tmp_path: Path, quantmill_home: Path, how: str,
+        message: str) -> None:
+    model = _corrupt_model(tiny_model_dir, tmp_path, how)
+    recipe = tiny_recipe(model={"path": str(model), "source": "hf"})
+    for command in ("validate", "run"):
+        _one_line_refusal([command, str(recipe)], message)
+    _assert_nothing_registered(quantmill_home)
+
+
+def _tiny_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((64, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.002])
+def test_a_truncated_gguf_is_refused_at_validation(tiny_recipe, tmp_path: Path,
+                                                   quantmill_home: Path, keep: float) -> None:
+    from quantmill.plugins.models.headers import check_gguf_file
+
+    model = _tiny_gguf(tmp_path / "tiny.gguf")
+    check_gguf_file(model)  # whole: accepted
+    data = model.read_bytes()
+    model.write_bytes(data[: int(len(data) * keep)])
+    recipe = tiny_recipe(model={"path": str(model), "source": "gguf"})
+    for command in ("validate", "run"):
+        _one_line_refusal([command, str(recipe)], "is truncated or not a valid GGUF file")
+    _assert_nothing_registered(quantmill_home)

@@ -424,3 +424,21 @@ def test_reap_closes_dead_runs_and_runs_lists_them(db_url: str, tamper: Any) -> 
     assert "no abandoned runs" in cli("registry", "reap", "--database-url", db_url).stdout
     bad = cli("registry", "runs", "--status", "lost", "--database-url", db_url, code=2)
     assert "lost" in bad.stderr
+
+
+def test_a_job_that_reproduces_a_checkpoint_names_it_as_an_input(quantmill_home: Path,
+                                                                  tiny_recipe: Any) -> None:
+    """RTN is deterministic: the same job twice makes the same bytes. An artifact has one
+    producing run, so the second run records that it reproduced (and measured) it."""
+    first = _job(tiny_recipe, "tiny-again", 4, 32)
+    second = _job(tiny_recipe, "tiny-again", 4, 32)
+    assert second["checkpoint"] == first["checkpoint"]
+    with Registry.open() as reg:
+        assert reg.producer(first["checkpoint"]) == first["run"]
+        edges = {(e.direction, e.role, e.artifact_id) for e in reg.run_edges(second["run"])}
+        assert ("input", "reproduced_checkpoint", first["checkpoint"]) in edges
+        assert not [edge for edge in edges if edge[0] == "output"]
+        assert reg.get_run(second["run"]).details["reproduces_run"] == first["run"]
+        measured_by = {m.run_id for m in reg.metrics_for_artifact(first["checkpoint"])}
+        assert measured_by == {first["run"], second["run"]}
+        assert reg.get_run(second["run"]).status == "succeeded" and reg.verify().ok

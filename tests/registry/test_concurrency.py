@@ -4,8 +4,9 @@ Why real processes (``spawn``, each with its own ``Registry.open``): production 
 separate processes with separate connections; threads in one process would share a pool and the
 GIL and could hide the races this guards against. The writers start together on a barrier and
 race on everything that can race: the chain's tail (every write), ``upsert_artifact`` of the
-same content (shared base models at the start, a shared report inside ``finish_run``), and, in
-the second test, ``finish_run`` against ``fail_run`` of the very same run.
+same content (shared base models at the start), and, in the second test, ``finish_run`` against
+``fail_run`` of the very same run. (Outputs are each run's own: an artifact has one producing
+run, so two runs can no longer both claim one report.)
 
 After the storm the database must hold exactly the planned rows (shared content once), one
 completion per run, a ledger numbered 1..N with one link per record, and ``verify()`` must pass.
@@ -82,11 +83,12 @@ class PlannedRun:
 
     @property
     def outputs(self) -> tuple[tuple[str, str], ...]:
-        """(label, role): a private checkpoint and, every 5th run, a report shared by workers."""
+        """(label, role): a private checkpoint and, every 5th run, a report."""
         if self.fails:
             return ()
-        shared = ((f"report-{self.index}", "report"),) if self.index % 5 == 0 else ()
-        return ((f"ckpt-{self.worker}-{self.index}", "checkpoint"), *shared)
+        report = ((f"report-{self.worker}-{self.index}", "report"),) \
+            if self.index % 5 == 0 else ()
+        return ((f"ckpt-{self.worker}-{self.index}", "checkpoint"), *report)
 
     @property
     def metric_value(self) -> float:

@@ -14,6 +14,7 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import DatabaseError
 
 from quantmill.registry import (
+    ArtifactConflict,
     ArtifactLocation,
     ArtifactNotFound,
     NewArtifact,
@@ -23,11 +24,12 @@ from quantmill.registry import (
 )
 from quantmill.registry import migrate as migrate_module
 from quantmill.registry import verify as verify_module
-from quantmill.registry.bulk import RunRecord, record_runs
+from quantmill.registry.bulk import record_runs
 from quantmill.registry.db import create_registry_engine
 from quantmill.registry.export import check_lineage_json, lineage_json
 from quantmill.registry.models import LedgerRow
 from quantmill.registry.remote import InvalidRun, record_run
+from quantmill.registry.writes import EndedRun, RunCompletion
 
 S3 = {"backend": "s3", "endpoint_url": "http://127.0.0.1:8333", "region": "us-east-1"}
 
@@ -105,14 +107,19 @@ def test_an_existing_artifact_gains_new_locations_only(registry: Registry) -> No
     first, second = start(registry, "first"), start(registry, "second")
     registry.finish_run(first, outputs=[checkpoint("ckpt", NewLocation("s3://a/ckpt"))])
     count, _ = registry.head()
-    # the same content again: one known place (skipped), one new place
-    registry.finish_run(second, outputs=[checkpoint(
-        "ckpt", NewLocation("s3://a/ckpt", role="published"), NewLocation("s3://b/ckpt"))])
+    # another run cannot claim it (one producing run): nothing of that call is stored
+    with pytest.raises(ArtifactConflict, match="was produced by run"):
+        registry.finish_run(second, outputs=[checkpoint("ckpt", NewLocation("s3://c/ckpt"))])
+    assert registry.head()[0] == count and registry.get_run(second).status == "running"
+    # the same content registered again: one known place (skipped), one new place
+    registry.upsert_artifact(kind="checkpoint", name="ckpt", sha256=sha("ckpt"), size_bytes=6,
+                             uri="file:///store/ckpt", format="gptq",
+                             locations=[NewLocation("s3://a/ckpt", role="published"),
+                                        NewLocation("s3://b/ckpt")])
     assert places(registry.locations(sha("ckpt"))) == [
         ("file:///store/ckpt", "stored", {}), ("s3://a/ckpt", "stored", {}),
         ("s3://b/ckpt", "stored", {})]
-    # the second finish chained its output edge, one location and its completion
-    assert registry.head()[0] == count + 3
+    assert registry.head()[0] == count + 1  # the one new location
     assert registry.verify().ok
 
 
@@ -295,7 +302,7 @@ def test_verify_files_reads_locations_in_batches(
     try:
         report = verify_module.VerifyReport()
         rehash = FileRehash()
-        with registry._transaction() as session:
+        with registry.session() as session:
             verify_module.verify_files(session, rehash, report)
     finally:
         event.remove(registry._engine, "before_cursor_execute", count)
@@ -311,18 +318,19 @@ def test_verify_files_reads_locations_in_batches(
 def test_bulk_records_locations_as_the_per_run_calls_do(
     databases: Any, open_registry: Callable[[str], Registry], backend: str
 ) -> None:
-    def records() -> list[RunRecord]:
+    def records() -> list[EndedRun]:
         common: dict[str, Any] = {"job_id": "j", "kind": "quantize", "recipe": {},
-                                  "plugins": {}, "versions": {}}
+                                  "plugins": {}, "versions": {},
+                                  "completion": RunCompletion("succeeded")}
         return [
-            RunRecord(name="one", **common, outputs=[
+            EndedRun(name="one", **common, outputs=(
                 checkpoint("c1", NewLocation("file:///store/c1", details={"n": 1}),
                            NewLocation("s3://m/c1", "copy", S3)),
-                checkpoint("c2")]),
-            RunRecord(name="two", **common, outputs=[
-                checkpoint("c1", NewLocation("s3://m/c1", "published"),
-                           NewLocation("s3://n/c1", "published")),
-                checkpoint("c2", NewLocation("s3://m/c2"), NewLocation("s3://m/c2"))]),
+                checkpoint("c2"))),
+            EndedRun(name="two", **common, outputs=(
+                checkpoint("c3", NewLocation("s3://m/c3", "published"),
+                           NewLocation("s3://n/c3", "published")),
+                checkpoint("c4", NewLocation("s3://m/c4"), NewLocation("s3://m/c4")))),
         ]
 
     per_run_url, bulk_url = databases.create(backend), databases.create(backend)
@@ -331,12 +339,13 @@ def test_bulk_records_locations_as_the_per_run_calls_do(
         per_run.finish_run(start(per_run, record.name), outputs=record.outputs)
     record_runs(bulk, records())
 
-    def stored(registry: Registry) -> dict[int, dict[str, Any]]:
-        """Location records by id, without the time (ids may differ: a skipped insert uses up
-        a PostgreSQL sequence value)."""
-        return {location.id: {k: v for k, v in location.to_json().items()
-                              if k not in ("id", "created_at")}
-                for label in ("c1", "c2") for location in registry.locations(sha(label))}
+    def stored(registry: Registry) -> dict[Any, dict[str, Any]]:
+        """Location records by id (the synthesized primary ones by uri), without the time (ids
+        may differ: a skipped insert uses up a PostgreSQL sequence value)."""
+        return {location.id or location.uri: {k: v for k, v in location.to_json().items()
+                                              if k not in ("id", "created_at")}
+                for label in ("c1", "c2", "c3", "c4")
+                for location in registry.locations(sha(label))}
 
     def chained(registry: Registry, url: str) -> list[tuple[str, Any]]:
         """The ledger in order, location links as their records' content."""
@@ -346,10 +355,11 @@ def test_bulk_records_locations_as_the_per_run_calls_do(
 
     assert list(stored(bulk).values()) == list(stored(per_run).values())
     assert [loc["uri"] for loc in stored(bulk).values()] == [
-        "file:///store/c1", "s3://m/c1", "s3://n/c1", "file:///store/c2", "s3://m/c2"]
+        "file:///store/c1", "s3://m/c1", "file:///store/c2", "file:///store/c3", "s3://m/c3",
+        "s3://n/c3", "file:///store/c4", "s3://m/c4"]
     # the same records, chained at the same places
     assert chained(bulk, bulk_url) == chained(per_run, per_run_url)
-    assert sum(kind == "artifact_locations" for kind, _ in chained(bulk, bulk_url)) == 4
+    assert sum(kind == "artifact_locations" for kind, _ in chained(bulk, bulk_url)) == 5
     assert bulk.verify().ok
 
 

@@ -233,7 +233,7 @@ NASTY = ["' OR 1=1 --", "%", "_", ";", '"', "\\", "x'; DROP TABLE artifacts; --"
 
 
 def _state(registry: Registry) -> tuple[Any, ...]:
-    with registry._transaction() as session:
+    with registry.session() as session:
         counts = tuple(session.scalar(select(func.count()).select_from(model))
                        for model in (*CHAINED_TABLES.values(), LedgerRow))
     return counts, registry.head()

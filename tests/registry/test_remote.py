@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from quantmill.registry import ArtifactConflict, ArtifactNotFound, Registry
-from quantmill.registry.remote import CompleteRun, InvalidRun, record_run
+from quantmill.registry.remote import InvalidRun, ended_run_from_dict, record_run
 
 
 def sha(label: str) -> str:
@@ -62,7 +62,7 @@ def test_records_a_complete_run_with_its_lineage(registry: Registry) -> None:
 
 def test_inputs_by_sha256_prefix_and_a_dataclass_work_too(registry: Registry) -> None:
     base_model(registry)
-    run = record_run(registry, CompleteRun.from_dict(run_body(sha("base")[:10])), "token:w")
+    run = record_run(registry, ended_run_from_dict(run_body(sha("base")[:10])), "token:w")
     assert [e.direction for e in registry.run_edges(run.id)] == ["input", "output"]
 
 

@@ -23,7 +23,7 @@ ALL_TABLES = ("artifacts", "runs", "run_edges", "run_completions", "metrics", "c
 
 def database_text(registry: Registry) -> str:
     """Every value of every registry table, as one string (to search for a leaked secret)."""
-    with registry._transaction() as session:
+    with registry.session() as session:
         return "\n".join(
             repr(tuple(row)) for table in ALL_TABLES
             for row in session.execute(text(f"SELECT * FROM {table}"))
@@ -31,7 +31,7 @@ def database_text(registry: Registry) -> str:
 
 
 def token_rows(registry: Registry) -> list[tuple[str, str, str]]:
-    with registry._transaction() as session:
+    with registry.session() as session:
         return [tuple(row) for row in session.execute(
             select(ApiTokenRow.name, ApiTokenRow.role, ApiTokenRow.token_sha256)
             .order_by(ApiTokenRow.id))]
@@ -107,7 +107,7 @@ def test_revocation_is_appended_and_the_token_stops_working(registry: Registry) 
     assert list_tokens(registry) == [revoked]
     # The token row is untouched: the revocation is a row of its own, chained like the token.
     assert token_rows(registry)[0][2] == hashlib.sha256(secret.encode()).hexdigest()
-    with registry._transaction() as session:
+    with registry.session() as session:
         rows = session.execute(select(ApiTokenRevocationRow.token_id,
                                       ApiTokenRevocationRow.revoked_by,
                                       ApiTokenRevocationRow.reason)).all()
