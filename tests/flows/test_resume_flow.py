@@ -39,12 +39,17 @@ def six_block_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
 
 
 def _recipe(tiny_recipe, model: Path, method: dict, seed: int = 0, file: str = "r.yaml"):
-    return tiny_recipe(file,
+    import yaml
+
+    path = tiny_recipe(file,
                        model={"path": str(model), "source": "hf"},
                        calibration={"num_samples": 4, "seq_len": 32, "seed": seed},
-                       quantization=method, evaluation=[{"evaluator": "size"}],
-                       export={"format": "gptq" if method["method"] == "gptq"
-                               else method["method"]})
+                       evaluation=[{"evaluator": "size"}],
+                       export={"format": EXPORTS[method["method"]]})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["quantization"] = dict(method)  # exactly the method's keys, no RTN defaults
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 def test_work_clean_removes_what_an_interrupted_job_left(quantmill_home: Path,
@@ -74,6 +79,7 @@ def _outputs(reg: Registry, run_id: int) -> set[int]:
     return {edge.artifact_id for edge in reg.run_edges(run_id) if edge.direction == "output"}
 
 
+EXPORTS = {"gptq": "gptq", "clustering": "lut", "trellis": "trellis"}
 METHODS = {
     "gptq": {"method": "gptq", "bits": 4, "group_size": 32},
     "clustering": {"method": "clustering", "bits": 3, "compensate": True, "iterations": 4},
@@ -81,7 +87,8 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", ["gptq"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("clustering", marks=pytest.mark.slow),
+                                    pytest.param("trellis", marks=pytest.mark.slow)])
 def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
         quantmill_home: Path, tmp_path: Path, tiny_recipe, six_block_model: Path,
         monkeypatch: pytest.MonkeyPatch, run_quantmill, method: str) -> None:
