@@ -71,6 +71,7 @@ class RunContext:
     def __init__(self, ref: JobRef) -> None:
         self.ref = ref
         self.models = ModelCache()
+        self._fetched: dict[str, Path] = {}
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -88,6 +89,14 @@ class RunContext:
         """The registry, opened (and its schema checked) once for the context's life."""
         return Registry.open(self.ref.database_url)
 
+    def fetch(self, uri: str) -> Path:
+        """The job's stored object at ``uri`` on this machine, fetched and hash-checked by the
+        job's storage once per context (the checkpoint is read by every evaluator and by
+        publishing: one check, not one per reader)."""
+        if uri not in self._fetched:
+            self._fetched[uri] = self.job.storage.fetch(uri)
+        return self._fetched[uri]
+
     @property
     def job_id(self) -> str:
         return self.ref.job_id
@@ -100,6 +109,7 @@ class RunContext:
     def close(self) -> None:
         """Free the model and the registry's connections; forget the context."""
         self.models.clear()
+        self._fetched.clear()
         if "registry" in self.__dict__:
             self.__dict__.pop("registry").close()
         with _LOCK:

@@ -253,7 +253,7 @@ def evaluate_checkpoint_step(ctx: RunContext, quantized: QuantizeResult,
         if earlier.evaluator == evaluator.name and earlier.protocol.get("config") == \
                 evaluator.config.model_dump(mode="json"):
             return earlier
-    checkpoint = ctx.job.storage.fetch(quantized.checkpoint.uri)
+    checkpoint = ctx.fetch(quantized.checkpoint.uri)
     source = ctx.catalog.model_sources.get(job.exporter.format_name)()
     loaded = ctx.models.get(source, checkpoint, job.device())
     measured = _measure(evaluator, loaded, checkpoint, "quantized")
@@ -384,7 +384,7 @@ def quantize_and_export(ctx: RunContext, inputs: Inputs, calibration: Calibratio
 
 def _intact(ctx: RunContext, checkpoint: StoredCheckpoint) -> bool:
     try:
-        path = ctx.job.storage.fetch(checkpoint.uri)
+        path = ctx.fetch(checkpoint.uri)
     except (QuantmillError, OSError):
         return False
     return path.name == checkpoint.sha256 or sha256_path(path)[0] == checkpoint.sha256
@@ -405,7 +405,7 @@ def publish_step(ctx: RunContext, quantized: QuantizeResult) -> Published | None
     job = ctx.job
     if job.publish_to is None:
         return None
-    checkpoint = job.storage.fetch(quantized.checkpoint.uri)
+    checkpoint = ctx.fetch(quantized.checkpoint.uri)
     target = as_uri(job.publish_to)
     publisher = Backends(ctx.catalog, like=job.storage).for_location(target, {})
     published = publisher.publish(checkpoint, target)

@@ -318,10 +318,7 @@ class Registry:
                 versions=versions, details=details or {}, flow_run_id=flow_run_id,
                 host=socket.gethostname(), started_by=current_user(), started_at=utcnow(),
             ), inputs)
-            me = this_process()
-            write.session.add(RunHeartbeatRow(run_id=row.id, host=me.host, pid=me.pid,
-                                              boot_id=me.boot_id, process_start=me.process_start,
-                                              beat_at=row.started_at))
+            write.first_beat(row)
             return run_entity(row, None)
 
     def finish_run(

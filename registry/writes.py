@@ -43,6 +43,7 @@ from quantmill.registry.errors import (
     RunStateError,
 )
 from quantmill.registry.hashing import json_sha256
+from quantmill.registry.liveness import this_process
 from quantmill.registry.lookup import find_artifact_row
 from quantmill.registry.models import (
     ArtifactLocationRow,
@@ -270,6 +271,14 @@ class RecordWriter:
         self._edges(row.id, [(self.artifact_row(ref).id, role) for ref, role in inputs],
                     "input")
         return row
+
+    def first_beat(self, run: RunRow) -> None:
+        """A live run's heartbeat row: this process, alive as of the run's start (``complete``
+        removes it)."""
+        me = this_process()
+        self.session.add(RunHeartbeatRow(run_id=run.id, host=me.host, pid=me.pid,
+                                         boot_id=me.boot_id, process_start=me.process_start,
+                                         beat_at=run.started_at))
 
     def _edges(self, run_id: int, pairs: Sequence[tuple[int, str]], direction: str) -> None:
         for artifact_id, role in dict.fromkeys(pairs):

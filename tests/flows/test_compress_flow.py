@@ -92,7 +92,8 @@ def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
 
     with get_client(sync_client=True) as client:
         response = client._client.post("/artifacts/filter", json={
-            "artifacts": {"key": {"any_": ["compress-tiny-rtn"]}}, "limit": 1, "offset": 0})
+            "artifacts": {"key": {"any_": ["compress-tiny-rtn"]}}, "sort": "CREATED_DESC",
+            "limit": 1, "offset": 0})  # newest: other tests' jobs may share the key
     [found] = response.json()
     assert found["type"] == "table" and "perplexity" in str(found["data"])
 
