@@ -352,26 +352,72 @@ def _list_parts(client: Any, bucket: str, key: str, upload_id: str) -> list[dict
         marker = int(page["NextPartNumberMarker"])
 
 
+class _InOrderHasher:
+    """Hashes ranges strictly in order while they are still arriving.
+
+    Each range's fetcher hands over its chunks as they come off the socket; the hashing thread
+    consumes range 0's chunks as they arrive, then range 1's (mostly arrived by then), and so on,
+    so hashing overlaps the transfer from its first megabyte. Memory is bounded by the ranges in
+    flight: a range's chunks are dropped once hashed.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.digest = hashlib.sha256()
+        self.chunks: list[list[bytes]] = [[] for _ in range(count)]
+        self.complete = [False] * count
+        self.failed = False
+        self.ready = threading.Condition()
+        self.hashed_ranges = 0  # ranges fully hashed: the fetchers wait on this for memory
+
+    def add(self, number: int, chunk: bytes) -> None:
+        with self.ready:
+            self.chunks[number].append(chunk)
+            self.ready.notify_all()
+
+    def close(self, number: int) -> None:
+        with self.ready:
+            self.complete[number] = True
+            self.ready.notify_all()
+
+    def fail(self) -> None:
+        with self.ready:
+            self.failed = True
+            self.ready.notify_all()
+
+    def run(self) -> None:
+        for number in range(len(self.chunks)):
+            while True:
+                with self.ready:
+                    while not self.chunks[number] and not self.complete[number] \
+                            and not self.failed:
+                        self.ready.wait()
+                    if self.failed:
+                        return
+                    taken, self.chunks[number] = self.chunks[number], []
+                    done = self.complete[number] and not taken
+                if done:
+                    break
+                for chunk in taken:
+                    self.digest.update(chunk)  # releases the GIL: overlaps the fetchers
+            with self.ready:
+                self.hashed_ranges = number + 1
+                self.ready.notify_all()
+
+    def wait_for_room(self, number: int, ahead: int) -> None:
+        """Block the fetch of range ``number`` until at most ``ahead`` ranges wait unhashed."""
+        with self.ready:
+            while number - self.hashed_ranges >= ahead and not self.failed:
+                self.ready.wait(timeout=1)
+
+
 def download_file(client: Any, bucket: str, key: str, size: int, target: Path,
                   settings: TransferSettings, stats: TransferStats,
                   on_bytes: Callable[[int], None] | None = None) -> str:
     """Write the object to ``target`` and return the sha256 of what arrived."""
     part_size = max(settings.part_size, MIN_PART)
     count = max(1, -(-size // part_size))
-    digest = hashlib.sha256()
-    arrived: dict[int, bytes] = {}
-    ready = threading.Condition()
-    failed: list[BaseException] = []
-
-    def hasher() -> None:
-        for number in range(count):
-            with ready:
-                while number not in arrived and not failed:
-                    ready.wait()
-                if failed:
-                    return
-                data = arrived.pop(number)
-            digest.update(data)
+    workers = min(settings.max_concurrency, count)
+    hasher = _InOrderHasher(count)
 
     with target.open("wb") as handle:
         fd = handle.fileno()
@@ -379,57 +425,40 @@ def download_file(client: Any, bucket: str, key: str, size: int, target: Path,
             os.ftruncate(fd, size)
 
         def fetch(number: int) -> None:
+            try:
+                fetch_range(number)
+            except BaseException:
+                hasher.fail()  # the hasher and the fetchers waiting for it stop at once
+                raise
+
+        def fetch_range(number: int) -> None:
+            hasher.wait_for_room(number, 2 * workers)
             start = number * part_size
             end = min(size, start + part_size) - 1
-            if size == 0:
-                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            else:
-                body = client.get_object(Bucket=bucket, Key=key,
-                                         Range=f"bytes={start}-{end}")["Body"].read()
-            if len(body) != end - start + 1 and size:
+            ranged = {"Range": f"bytes={start}-{end}"} if size else {}
+            body = client.get_object(Bucket=bucket, Key=key, **ranged)["Body"]
+            position = start
+            for chunk in body.iter_chunks(chunk_size=MIB):
+                os.pwrite(fd, chunk, position)
+                position += len(chunk)
+                stats.add(bytes_received=len(chunk))
+                if on_bytes:
+                    on_bytes(len(chunk))
+                hasher.add(number, chunk)
+            if size and position != end + 1:
                 raise StorageIntegrityError(f"s3://{bucket}/{key} changed during the download")
-            os.pwrite(fd, body, start)
-            stats.add(bytes_received=len(body))
-            if on_bytes:
-                on_bytes(len(body))
-            with ready:
-                arrived[number] = body
-                ready.notify_all()
+            hasher.close(number)
 
-        thread = threading.Thread(target=hasher, daemon=True)
+        thread = threading.Thread(target=hasher.run, daemon=True)
         thread.start()
         try:
-            _parallel_bounded(fetch, count, settings.max_concurrency, arrived, ready)
-        except BaseException as exc:
-            with ready:
-                failed.append(exc)
-                ready.notify_all()
+            _parallel(fetch, list(range(count)), workers)
+        except BaseException:
+            hasher.fail()
             raise
         finally:
             thread.join()
-    return digest.hexdigest()
-
-
-def _parallel_bounded(fetch: Callable[[int], None], count: int, workers: int,
-                      arrived: dict[int, bytes], ready: threading.Condition) -> None:
-    """Run ``fetch(0..count-1)`` in order of submission with at most ``workers`` at a time and
-    at most ``2 * workers`` ranges held in memory waiting for the hasher."""
-    with ThreadPoolExecutor(max_workers=min(workers, count)) as pool:
-        pending: set[Any] = set()
-        for number in range(count):
-            with ready:
-                while len(arrived) >= 2 * workers:
-                    ready.wait(timeout=1)
-            pending.add(pool.submit(fetch, number))
-            if len(pending) >= workers:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in finished:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise future.exception()  # type: ignore[misc]
-        for future in pending:
-            future.result()
+    return hasher.digest.hexdigest()
 
 
 def stream_sha256(client: Any, bucket: str, key: str) -> tuple[str, int]:

@@ -136,6 +136,48 @@ def test_multipart_with_each_checksum_mode(s3_storage, tmp_path: Path, checksum:
     assert store.rehash(stored.uri) == (stored.sha256, 11 * MIB)
 
 
+def test_ranged_download_hashes_every_range_in_order(s3_env, s3_storage, tmp_path: Path) -> None:
+    from quantmill.storage.s3_transfer import TransferSettings, TransferStats, download_file
+
+    data = os.urandom(23 * MIB + 12345)  # 5 ranges of 5 MiB, the last one short
+    file = tmp_path / "weights.bin"
+    file.write_bytes(data)
+    stored = s3_storage(part_size_mb=5).put_tree(file)
+    bucket, key = parse_s3_uri(stored.uri).bucket, parse_s3_uri(stored.uri).key
+    client = _raw_client(s3_env)
+    for workers in (1, 2, 8):  # the hasher may be behind, level with or ahead of the fetchers
+        target, stats = tmp_path / f"down-{workers}", TransferStats()
+        sha = download_file(client, bucket, key, len(data), target,
+                            TransferSettings(part_size=5 * MIB, max_concurrency=workers), stats)
+        assert sha == stored.sha256 and target.read_bytes() == data
+        assert stats.bytes_received == len(data)
+
+
+def test_a_range_that_fails_mid_download_fails_the_download_without_hanging(
+        s3_env, s3_storage, tmp_path: Path) -> None:
+    from quantmill.storage.s3_transfer import TransferSettings, TransferStats, download_file
+
+    data = os.urandom(26 * MIB)
+    file = tmp_path / "weights.bin"
+    file.write_bytes(data)
+    stored = s3_storage(part_size_mb=5).put_tree(file)
+    location = parse_s3_uri(stored.uri)
+    client = _raw_client(s3_env)
+    real = client.get_object
+
+    def flaky(**kwargs):
+        if kwargs.get("Range", "").startswith(f"bytes={10 * MIB}-"):
+            raise ConnectionResetError("range 2 lost")
+        return real(**kwargs)
+
+    client.get_object = flaky
+    started = time.monotonic()
+    with pytest.raises(ConnectionResetError, match="range 2 lost"):
+        download_file(client, location.bucket, location.key, len(data), tmp_path / "down",
+                      TransferSettings(part_size=5 * MIB, max_concurrency=2), TransferStats())
+    assert time.monotonic() - started < 30
+
+
 def test_a_wrong_part_checksum_is_refused_by_the_server(s3_env) -> None:
     raw = _raw_client(s3_env)
     with pytest.raises(Exception, match="BadDigest"):
