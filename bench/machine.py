@@ -21,3 +21,13 @@ def cpu_facts() -> dict[str, Any]:
     return {"cpu": model, "cpus": os.cpu_count(),
             "isa": [f for f in ISA_FLAGS if f" {f}" in flags],
             "python": platform.python_version()}
+
+
+def write_results(out: Path, report: dict[str, Any], text: str) -> None:
+    """``out``.json and ``out``.md side by side, and the markdown on stdout."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)

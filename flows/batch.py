@@ -42,6 +42,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
+from quantmill.flows.input_roots import InputRoots
 from quantmill.flows.recipe import (
     CalibrationSection,
     EvaluationSection,
@@ -247,7 +248,7 @@ def expand(batch: Batch) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 
 def plan_batch(text: str, path: Path, catalog: Catalog, only: list[str] | None = None,
-               resolve: bool = True) -> BatchPlan:
+               resolve: bool = True, roots: InputRoots | None = None) -> BatchPlan:
     """Parse, expand and validate the batch; raises ``ConfigError`` naming the first bad point.
 
     ``only`` keeps the named points (in batch order); an unknown name is an error. With
@@ -272,7 +273,7 @@ def plan_batch(text: str, path: Path, catalog: Catalog, only: list[str] | None =
         try:
             recipe = parse_recipe(data, path.parent)
             if resolve:
-                model_path = resolve_job(recipe, recipe_text, path, catalog).model_path
+                model_path = resolve_job(recipe, recipe_text, path, catalog, roots).model_path
             else:
                 model_path = expand_path(recipe.model.path, path.parent)
         except QuantmillError as exc:

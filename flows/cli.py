@@ -178,6 +178,14 @@ def tradeoff(
     rerun: bool = typer.Option(False, "--rerun", help="Run points already registered too."),
     database_url: str | None = DatabaseOption,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+    pool: str | None = typer.Option(None, "--pool", help="Run the points as child flow runs "
+                                    "on this Prefect work pool (PREFECT_API_URL)."),
+    point_retries: int = typer.Option(1, "--point-retries", min=0, help="With --pool: retries "
+                                      "of each failed point, alone."),
+    dask_address: str | None = typer.Option(None, "--dask-address", help="Run the points on "
+                                            "this Dask scheduler (tcp://HOST:PORT)."),
+    dask_workers: int | None = typer.Option(None, "--dask-workers", min=1, help="Run the "
+                                            "points on a local Dask cluster of N processes."),
 ) -> None:
     """Run every point of BATCH, then write a table and a plot of perplexity against size."""
     from quantmill.flows.batch import load_batch_file, load_batch_text
@@ -185,6 +193,16 @@ def tradeoff(
     from quantmill.plugins.manager import get_plugin_manager
     from quantmill.plugins.reporting.pareto import TRADEOFF_COLUMNS, tradeoff_cells
 
+    places = [name for name, value in (("--pool", pool), ("--dask-address", dask_address),
+                                       ("--dask-workers", dask_workers)) if value is not None]
+    if len(places) > 1:
+        from quantmill.plugins.errors import ConfigError
+
+        raise ConfigError(f"give one place for the points, not {' and '.join(places)}")
+    if places:
+        from quantmill.flows.prefect_server import check_server
+
+        check_server()
     plan = load_batch_file(batch, Catalog(get_plugin_manager()))  # every point, before any work
     out = out or Path.cwd() / f"tradeoff-{plan.name}"
     if not verbose:
@@ -203,7 +221,8 @@ def tradeoff(
             use_sink(_BatchProgressSink(progress)):
         report, paths = run_batch(load_batch_text(batch), batch, out, database_url,
                                   rerun=rerun, command=f"quantmill tradeoff {batch} --out {out}",
-                                  plan=plan)
+                                  plan=plan, pool=pool, point_retries=point_retries,
+                                  dask_address=dask_address, dask_workers=dask_workers)
     table = Table(title=f"{plan.name}: perplexity against size")
     for header, _, align in TRADEOFF_COLUMNS:
         table.add_column(header, justify="right" if align == "r" else "left")
@@ -375,6 +394,7 @@ def registry_upgrade(database_url: str | None = DatabaseOption) -> None:
 from quantmill.flows import (  # noqa: E402,F401  (registration side effect)
     cli_api,
     cli_registry,
+    cli_service,
     cli_storage,
     cli_work,
 )

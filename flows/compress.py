@@ -20,15 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.artifacts import create_table_artifact
 
 from quantmill.flows import tasks
 from quantmill.flows.context import JobRef, RunContext
+from quantmill.flows.environment import check_skew, software_versions
 from quantmill.flows.heartbeat import Heartbeat
+from quantmill.flows.limits import heavy_slot
+from quantmill.flows.prefect_progress import PrefectProgressSink
+from quantmill.flows.prefect_server import SERVICE_TAG, configured_api_url
 from quantmill.flows.recipe import Job
 from quantmill.flows.results import Calibration, Evaluation, Inputs
-from quantmill.flows.runtime import software_versions
+from quantmill.plugins.progress import current_sink, use_sink
 from quantmill.registry import RegistryError
 
 REPORT_KEY = re.compile(r"[^a-z0-9-]+")
@@ -91,18 +95,42 @@ def _input_edges(job: Job, inputs: Inputs,
     return edges
 
 
+@contextlib.contextmanager
+def flow_run_scope(environment: dict[str, Any] | None) -> Iterator[None]:
+    """What every quantmill flow run does first: compare the software with the deployer's
+    (``environment``, pinned by ``quantmill deploy``), give its task runs the run's tags (for
+    Prefect's tag concurrency limits: task runs do not inherit them), and, on a Prefect server
+    (not the embedded temporary one, whose UI nobody watches), show plugin progress in the
+    run's logs and artifacts when no other display (the CLI's bars) is installed."""
+    from prefect.runtime import deployment, flow_run
+
+    check_skew(environment, f"deployment {deployment.name or '(none)'}")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tags(SERVICE_TAG, *(flow_run.tags or [])))
+        if current_sink() is None and configured_api_url() is not None:
+            stack.enter_context(use_sink(PrefectProgressSink()))
+        yield
+
+
 @flow(name="compress", flow_run_name="compress-{recipe_name}", log_prints=True)
 def compress(recipe_text: str, recipe_path: str, recipe_name: str,
-             database_url: str | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """Run one recipe end to end and return a summary (ids, URIs, evaluation table)."""
-    ctx = RunContext.of(JobRef(recipe_text, recipe_path, job_id or uuid.uuid4().hex,
-                               database_url))
-    try:
-        with Heartbeat(ctx.registry):
-            return _compress(ctx, recipe_name)
-    finally:
-        ctx.close()
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+             database_url: str | None = None, job_id: str | None = None,
+             environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one recipe end to end and return a summary (ids, URIs, evaluation table).
+
+    ``job_id`` defaults to the flow run's id (so a retried flow run stays one job);
+    ``environment`` is the deployer's software record, compared with this machine's.
+    """
+    with flow_run_scope(environment):
+        ctx = RunContext.of(JobRef(recipe_text, recipe_path,
+                                   job_id or tasks.flow_run_id() or uuid.uuid4().hex,
+                                   database_url))
+        try:
+            with Heartbeat(ctx.registry):
+                return _compress(ctx, recipe_name)
+        finally:
+            ctx.close()
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
 
 def _compress(ctx: RunContext, recipe_name: str) -> dict[str, Any]:
@@ -116,7 +144,10 @@ def _compress(ctx: RunContext, recipe_name: str) -> dict[str, Any]:
     with stage(notify, "calibrate", None):
         calibration = tasks.calibrate(ctx, inputs)
     with stage(notify, "evaluate-base", None):
-        evaluations = [tasks.evaluate_base(ctx, inputs, index) for index in evaluators]
+        evaluations = []
+        for index in evaluators:
+            with heavy_slot("evaluate-base"):
+                evaluations.append(tasks.evaluate_base(ctx, inputs, index))
     run = reg.start_run(
         job_id=ctx.job_id, kind="quantization", name=recipe_name, recipe=job.recipe_json(),
         plugins=job.plugin_versions, versions=software_versions(),
@@ -125,11 +156,12 @@ def _compress(ctx: RunContext, recipe_name: str) -> dict[str, Any]:
     try:
         with stage(notify, "plan", run.id):
             plan = tasks.plan(ctx, calibration)
-        with stage(notify, "quantize", run.id):
+        with stage(notify, "quantize", run.id), heavy_slot("quantize"):
             quantized = tasks.quantize(ctx, inputs, calibration, plan)
         with stage(notify, "evaluate", run.id):
-            evaluations += [tasks.evaluate_checkpoint(ctx, quantized, index)
-                            for index in evaluators]
+            for index in evaluators:
+                with heavy_slot("evaluate"):
+                    evaluations.append(tasks.evaluate_checkpoint(ctx, quantized, index))
         ctx.models.clear()
         with stage(notify, "publish", run.id):
             published = tasks.publish(ctx, quantized)
@@ -172,7 +204,9 @@ def run_job(job: Job, recipe_path: Path, database_url: str | None = None) -> dic
     """Run an already validated job through the flow (its resolved plugins are reused)."""
     ref = JobRef(job.recipe_text, str(recipe_path.resolve()), uuid.uuid4().hex, database_url)
     RunContext.of(ref, job)
-    return compress(ref.recipe_text, ref.recipe_path, job.recipe.name, database_url, ref.job_id)
+    with tags(SERVICE_TAG):
+        return compress(ref.recipe_text, ref.recipe_path, job.recipe.name, database_url,
+                        ref.job_id)
 
 
 def run_recipe_file(path: Path, database_url: str | None = None) -> dict[str, Any]:

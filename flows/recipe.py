@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantmill.flows.artifacts import Backends
+from quantmill.flows.input_roots import InputRoots, check_readable_input
 from quantmill.plugins import base
 from quantmill.plugins.catalog import Catalog, Registry
 from quantmill.plugins.errors import ConfigError, QuantmillError
@@ -291,8 +292,9 @@ class InputFetcher:
     """Replaces ``s3://`` values of the input sections by local cached copies (hash-checked by
     the backend), remembering where each came from so it is registered under its real URI."""
 
-    def __init__(self, catalog: Catalog, storage: base.StorageBackend) -> None:
-        self.catalog, self.storage = catalog, storage
+    def __init__(self, catalog: Catalog, storage: base.StorageBackend,
+                 roots: InputRoots | None = None) -> None:
+        self.catalog, self.storage, self.roots = catalog, storage, roots
         self.fetched: dict[str, RemoteInput] = {}
 
     def localize(self, value: Any, where: str) -> Any:
@@ -302,6 +304,8 @@ class InputFetcher:
             return [self.localize(item, f"{where}.{i}") for i, item in enumerate(value)]
         if not isinstance(value, str) or value[:5].lower() != "s3://":
             return value
+        if self.roots is not None:
+            self.roots.check_uri(value, where)  # before anything is fetched
         backend = Backends(self.catalog, like=self.storage).for_location(value)
         try:
             path = backend.fetch(value)
@@ -370,8 +374,14 @@ def _select_source(catalog: Catalog, section: ModelSection, path: Path) -> base.
     return catalog.model_sources.get(name)()
 
 
-def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Catalog) -> Job:
-    """Configure every plugin the recipe names and run their cheap input checks."""
+def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Catalog,
+                roots: InputRoots | None = None) -> Job:
+    """Configure every plugin the recipe names and run their cheap input checks.
+
+    ``roots`` bounds what the job may read (``flows/input_roots.py``); without it the
+    environment's ``QUANTMILL_INPUT_ROOTS`` does, when set.
+    """
+    roots = roots if roots is not None else InputRoots.from_environment()
     base_dir = recipe_path.parent.resolve()
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA device here")
@@ -380,8 +390,17 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
                            base_dir)
     publish_to = _publish_target(recipe.export.publish, base_dir)
     storage.check()
-    inputs = InputFetcher(catalog, storage)
+    inputs = InputFetcher(catalog, storage, roots)
+
+    def guard(path: Path, where: str) -> None:
+        if str(path) in inputs.fetched:
+            return  # an s3:// input: its URI was checked before it was fetched
+        check_readable_input(path, where)
+        if roots is not None:
+            roots.check_path(path, where)
+
     model_path = expand_path(inputs.localize(recipe.model.path, "model.path"), base_dir)
+    guard(model_path, "model.path")
     source = _select_source(catalog, recipe.model, model_path)
     source.check(model_path)
 
@@ -390,6 +409,8 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         calibration = build_plugin(catalog.calibration_sources, recipe.calibration.source,
                                    inputs.localize(recipe.calibration.options, "calibration"),
                                    "calibration", base_dir)
+        for path in calibration.data_files():
+            guard(path, "calibration")
         calibration.check()
     q = recipe.quantization
     quantizer = build_plugin(catalog.quantizers, q.method, q.options, "quantization", base_dir)
@@ -406,6 +427,8 @@ def resolve_job(recipe: Recipe, recipe_text: str, recipe_path: Path, catalog: Ca
         evaluator = build_plugin(catalog.evaluators, section.evaluator,
                                  inputs.localize(section.options, f"evaluation.{index}"),
                                  f"evaluation.{index}", base_dir)
+        for path in evaluator.data_files():
+            guard(path, f"evaluation.{index}")
         evaluator.check()
         evaluators.append(evaluator)
     exporter = build_plugin(catalog.exporters, recipe.export.format, recipe.export.options,

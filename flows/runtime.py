@@ -1,10 +1,9 @@
-"""Prefect settings for quantmill's embedded default (no server) and versions for provenance."""
+"""Prefect settings for quantmill's embedded default (no server), and its logs in flow runs."""
 
 from __future__ import annotations
 
+import logging
 import os
-import platform
-from importlib.metadata import PackageNotFoundError, version
 
 from quantmill.plugins.home import quantmill_home
 
@@ -13,7 +12,12 @@ EMBEDDED_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # Offline machines otherwise log telemetry errors on every start.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # quantmill's loggers also log outside flow runs (the CLI): not an error for Prefect
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
+EXTRA_LOGGERS = "PREFECT_LOGGING_EXTRA_LOGGERS"
+#: the level of quantmill's loggers; a worker sets INFO so its runs' pages show the job's steps
+LOG_LEVEL_ENV = "QUANTMILL_LOG_LEVEL"
 
 
 def configure_prefect_environment() -> None:
@@ -21,22 +25,12 @@ def configure_prefect_environment() -> None:
     os.environ.setdefault("PREFECT_HOME", str(quantmill_home() / "prefect"))
     for key, value in EMBEDDED_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-def _version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def software_versions() -> dict[str, str]:
-    """The versions that decide what a run computed, recorded with every run."""
-    return {
-        "quantmill": _version("quantmill"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "safetensors": _version("safetensors"),
-        "prefect": _version("prefect"),
-        "python": platform.python_version(),
-    }
+    # Prefect copies its API log handler onto these loggers when ``prefect.main`` is first
+    # imported, so this must happen before any ``from prefect import ...``.
+    extra = [name.strip() for name in os.environ.get(EXTRA_LOGGERS, "").split(",")
+             if name.strip()]
+    if "quantmill" not in extra:
+        os.environ[EXTRA_LOGGERS] = ",".join([*extra, "quantmill"])
+    level = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
+    if level in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        logging.getLogger("quantmill").setLevel(level)

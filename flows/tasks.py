@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from quantmill.flows.artifacts import Backends, as_uri, fetch_artifact
 from quantmill.flows.context import RunContext
+from quantmill.flows.environment import software_versions
 from quantmill.flows.recipe import Job
 from quantmill.flows.results import (
     Calibration,
@@ -49,7 +50,6 @@ from quantmill.flows.results import (
     StoredCheckpoint,
     jsonable,
 )
-from quantmill.flows.runtime import software_versions
 from quantmill.flows.work import FlowWorkArea, fingerprint
 from quantmill.plugins.base import (
     CalibrationSet,

@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-from prefect.artifacts import create_table_artifact
+from prefect import flow, tags
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from quantmill.flows.batch import BatchPlan, PlannedPoint, plan_batch
-from quantmill.flows.compress import REPORT_KEY, compress
+from quantmill.flows.compress import REPORT_KEY, flow_run_scope
+from quantmill.flows.fanout import InProcess, OnDask, OnPool, Outcome
+from quantmill.flows.prefect_server import SERVICE_TAG
 from quantmill.plugins.catalog import Catalog
+from quantmill.plugins.errors import ConfigError
 from quantmill.plugins.hashing import sha256_path
 from quantmill.plugins.manager import get_plugin_manager
 from quantmill.plugins.progress import progress_bar
@@ -49,14 +50,6 @@ from quantmill.registry import ArtifactNotFound, Registry, Run
 
 PAGE = 200
 REFERENCE_LABEL = "base model"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str  # succeeded (run now), reused (registered earlier), failed
-    run_id: int | None
-    error: str | None = None
-    flow_s: float | None = None  # the subflow's own wall time, calibration and hashing included
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,14 +99,6 @@ def registered_runs(reg: Registry, plan: BatchPlan) -> dict[str, int]:
     return found
 
 
-def _failed_run(reg: Registry, point: PlannedPoint, job_id: str) -> int | None:
-    """The failed run this batch recorded for the point, if it got as far as opening one."""
-    for run in reg.list_runs(job_id=job_id, kind="quantization", status="failed", limit=PAGE):
-        if run.recipe_sha256 == point.recipe_sha256:
-            return run.id
-    return None
-
-
 def _seconds(run: Run) -> float | None:
     if run.finished_at is None:
         return None
@@ -127,6 +112,8 @@ def point_row(reg: Registry, point: PlannedPoint, outcome: Outcome) -> dict[str,
         "budget": point.budget, "status": outcome.status, "run_id": outcome.run_id,
         "recipe_name": point.recipe_name, "recipe_sha256": point.recipe_sha256,
         "error": outcome.error, "flow_s": outcome.flow_s, "metrics": {},
+        "flow_run_id": outcome.flow_run_id, "attempts": outcome.attempts,
+        "where": outcome.where,
         "perplexity": None, "size_mb": None, "bits_per_weight": None, "wall_s": None,
         "quantize_s": None, "reused_sensitivity": False, "checkpoint_id": None,
         "base_model_id": None,
@@ -209,53 +196,78 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 @flow(name="tradeoff", flow_run_name="tradeoff-{batch_name}", log_prints=True)
 def tradeoff(batch_text: str, batch_path: str, batch_name: str,
              database_url: str | None = None, only: list[str] | None = None,
-             rerun: bool = False, validated: bool = False) -> dict[str, Any]:
-    """Run the batch's points (each a ``compress`` subflow) and return the report.
+             rerun: bool = False, validated: bool = False,
+             environment: dict[str, Any] | None = None, pool: str | None = None,
+             point_retries: int = 1, on_dask: bool = False) -> dict[str, Any]:
+    """Run the batch's points and return the report.
 
-    Every point is validated first, unless the caller says it ``validated`` this very text.
+    Points run as ``compress`` subflows in this process, as child flow runs on ``pool`` (each
+    failed point retried alone ``point_retries`` times), or, with ``on_dask``, as tasks of this
+    flow's ``DaskTaskRunner`` (``flows/fanout.py``). Every point is validated first, unless the
+    caller says it ``validated`` this very text; ``environment`` is the deployer's software
+    record (see ``compress``).
     """
+    if pool is not None and on_dask:
+        raise ConfigError("a batch's points run on a work pool or on Dask, not both")
+    runner = OnPool(pool, point_retries) if pool else OnDask() if on_dask else InProcess()
+    with flow_run_scope(environment):
+        return _tradeoff(batch_text, batch_path, batch_name, database_url, only, rerun,
+                         validated, runner)
+
+
+def _tradeoff(batch_text: str, batch_path: str, batch_name: str, database_url: str | None,
+              only: list[str] | None, rerun: bool, validated: bool,
+              runner: InProcess | OnPool | OnDask) -> dict[str, Any]:
     plan = plan_batch(batch_text, Path(batch_path), Catalog(get_plugin_manager()), only,
                       resolve=not validated)
     job_id = f"tradeoff-{uuid.uuid4().hex}"
     with Registry.open(database_url) as reg:
         earlier = {} if rerun else registered_runs(reg, plan)
     outcomes: dict[str, Outcome] = {}
+    for point in plan.points:
+        if point.label in earlier:
+            print(f"{point.label}: registered earlier (run {earlier[point.label]}), skipped")
+            outcomes[point.label] = Outcome("reused", earlier[point.label])
+    todo = [p for p in plan.points if p.label not in earlier]
     with progress_bar(f"{batch_name}: points", total=len(plan.points)) as advance:
-        for point in plan.points:
-            if point.label in earlier:
-                print(f"{point.label}: registered earlier (run {earlier[point.label]}), skipped")
-                outcomes[point.label] = Outcome("reused", earlier[point.label])
-                advance(1)
-                continue
-            started = time.perf_counter()
-            try:
-                summary = compress(point.recipe_text, str(plan.path), point.recipe_name,
-                                   database_url, job_id)
-            except Exception as exc:  # reported as a failed point; the batch goes on
-                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                print(f"{point.label}: failed: {error}")
-                with Registry.open(database_url) as reg:
-                    run_id = _failed_run(reg, point, job_id)
-                outcomes[point.label] = Outcome("failed", run_id, error,
-                                                round(time.perf_counter() - started, 3))
-            else:
-                outcomes[point.label] = Outcome("succeeded", summary["run_id"], None,
-                                                round(time.perf_counter() - started, 3))
-            advance(1)
+        advance(len(outcomes))
+        outcomes.update(runner.run(plan, todo, job_id, database_url, advance))
     report = build_report(plan, outcomes, job_id, database_url)
+    key = REPORT_KEY.sub("-", f"tradeoff-{batch_name}".lower()).strip("-")[:90]
     headers = [h for h, _, _ in TRADEOFF_COLUMNS]
+    front = ", ".join(report["pareto_front"]) or "(none)"
     create_table_artifact(
-        key=REPORT_KEY.sub("-", f"tradeoff-{batch_name}".lower()).strip("-")[:100],
-        table=[dict(zip(headers, tradeoff_cells(r), strict=True)) for r in report_rows(report)],
-        description=f"Trade-off of batch {batch_name}: Pareto front "
-                    f"{', '.join(report['pareto_front']) or '(none)'}",
-    )
+        key=key, table=[dict(zip(headers, tradeoff_cells(r), strict=True))
+                        for r in report_rows(report)],
+        description=f"Trade-off of batch {batch_name}: Pareto front {front}")
+    create_markdown_artifact(key=f"{key}-pareto", markdown=pareto_markdown(report),
+                             description=f"Perplexity against size of batch {batch_name}")
     return report
 
 
 # ---------------------------------------------------------------------------------------------
 # Files: JSON, markdown, PNG
 # ---------------------------------------------------------------------------------------------
+
+
+def pareto_markdown(report: dict[str, Any]) -> str:
+    """The table and the Pareto plot as one markdown document with the plot embedded (a data
+    URI: the Prefect UI renders it, and a worker's batch has no other place to put the file)."""
+    import base64
+    import tempfile
+
+    from quantmill.plugins.reporting.plot import plot_tradeoff
+
+    rows = report_rows(report)
+    with tempfile.TemporaryDirectory(prefix="quantmill-pareto-") as tmp:
+        png = Path(tmp) / "tradeoff.png"
+        plot_tradeoff(rows, png, f"{report['batch']}: perplexity against size")
+        image = base64.b64encode(png.read_bytes()).decode()
+    front = " -> ".join(report["pareto_front"]) or "(none)"
+    return "\n".join([f"# {report['batch']}: perplexity against size", "",
+                      f"Pareto front, smallest first: {front}", "",
+                      tradeoff_markdown(rows), "",
+                      f"![perplexity against size](data:image/png;base64,{image})", ""])
 
 
 def _json_ready(value: Any) -> Any:
@@ -331,11 +343,24 @@ def write_report(report: dict[str, Any], out_dir: Path, stem: str = "tradeoff",
 
 def run_batch(text: str, path: Path, out_dir: Path, database_url: str | None = None,
               only: list[str] | None = None, rerun: bool = False, command: str | None = None,
-              plan: BatchPlan | None = None, context: list[str] | None = None
-              ) -> tuple[dict[str, Any], dict[str, Path]]:
+              plan: BatchPlan | None = None, context: list[str] | None = None,
+              pool: str | None = None, point_retries: int = 1, dask_address: str | None = None,
+              dask_workers: int | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     """Validate the whole batch (before Prefect starts; skipped when the caller passes the
-    ``plan`` it validated), run it, write the report files."""
+    ``plan`` it validated), run it, write the report files.
+
+    ``pool`` sends the points to a work pool; ``dask_address`` (a scheduler) or
+    ``dask_workers`` (a LocalCluster of that many processes) to Dask.
+    """
     plan = plan or plan_batch(text, path, Catalog(get_plugin_manager()), only)
     Registry.open(database_url).close()  # refuse an out-of-date registry before any work
-    report = tradeoff(text, str(plan.path), plan.name, database_url, only, rerun, validated=True)
+    on_dask = dask_address is not None or dask_workers is not None
+    flow_ = tradeoff
+    if on_dask:
+        from quantmill.flows.fanout import dask_task_runner
+
+        flow_ = tradeoff.with_options(task_runner=dask_task_runner(dask_address, dask_workers))
+    with tags(SERVICE_TAG):
+        report = flow_(text, str(plan.path), plan.name, database_url, only, rerun,
+                       validated=True, pool=pool, point_retries=point_retries, on_dask=on_dask)
     return report, write_report(report, out_dir, command=command, context=context)

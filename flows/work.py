@@ -19,7 +19,8 @@ again. A record is only trusted after the stored checkpoint it names is fetched 
 
 Fault injection for tests (and for trying resume by hand): ``QUANTMILL_FAILPOINT=
 kill-after-block:N`` makes the process SIGKILL itself right after block N is recorded, the
-same as a crash at that point.
+same as a crash at that point; ``hang-after-block:N`` makes it stop there until it is killed
+from outside (a machine lost mid-job).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import hashlib
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from quantmill.flows.environment import software_versions
 from quantmill.flows.results import Evaluation, QuantizeResult
-from quantmill.flows.runtime import software_versions
 from quantmill.plugins.base import Quantizer, QuantPlan, StorageBackend
 from quantmill.plugins.blockwise.resume import INDEX, WorkArea
 
@@ -121,9 +123,15 @@ class FlowWorkArea(WorkArea):
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process when ``QUANTMILL_FAILPOINT`` names this point (fault injection)."""
-    if os.environ.get(FAILPOINT, "") == name:
+    """SIGKILL this process when ``QUANTMILL_FAILPOINT`` names this point (fault injection);
+    ``hang-...`` instead of ``kill-...`` makes it stop there and wait to be killed from outside
+    (a machine that dies mid-job, for the worker tests)."""
+    value = os.environ.get(FAILPOINT, "")
+    if value == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if value.startswith("hang-") and value.removeprefix("hang-") == name.removeprefix("kill-"):
+        while True:
+            time.sleep(3600)
 
 
 @dataclass(frozen=True)

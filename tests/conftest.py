@@ -145,6 +145,34 @@ def run_quantmill():
 
 
 @pytest.fixture(scope="session")
+def prefect_service():
+    """``tests/support/prefect_service.py``: the Prefect server and worker processes."""
+    return _load_support("prefect_service")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory, prefect_service):
+    """A real Prefect server (``prefect server start``, SQLite) on a free loopback port for the
+    whole test session; stopped at the end."""
+    server = prefect_service.PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def prefect_api(prefect_server, monkeypatch: pytest.MonkeyPatch):
+    """This test talks to the session's Prefect server (``PREFECT_API_URL``, in the
+    environment for subprocesses and in Prefect's settings, read once at import, for this
+    process)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 server (SeaweedFS) on free loopback ports for the whole test session, with
     one bucket; stopped at the end."""

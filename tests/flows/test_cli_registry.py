@@ -320,7 +320,7 @@ def _job(tiny_recipe: Any, name: str, bits: int, group_size: int) -> dict[str, A
 
     from quantmill.flows import tasks
     from quantmill.flows.context import JobRef, RunContext
-    from quantmill.flows.runtime import software_versions
+    from quantmill.flows.environment import software_versions
 
     recipe = tiny_recipe(f"{name}.yaml", quantization={"bits": bits, "group_size": group_size})
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "name": name},

@@ -165,7 +165,7 @@ def test_the_work_area_key_changes_with_every_input_of_a_block(monkeypatch) -> N
     change the key, so a rerun with any of them changed starts from block 0."""
     import torch
 
-    from quantmill.flows import runtime, work
+    from quantmill.flows import environment, work
     from quantmill.plugins.base import QuantPlan
     from quantmill.plugins.quantizers.gptq.plugin import GPTQQuantizer
 
@@ -181,7 +181,7 @@ def test_the_work_area_key_changes_with_every_input_of_a_block(monkeypatch) -> N
     changed = [key(base="b" * 64), key(calibration="d" * 64), key(bits=3), key(damp=0.02),
                key(plan_bits=3)]
     assert len({reference, *changed}) == 6
-    real = runtime._version
-    monkeypatch.setattr(runtime, "_version",
+    real = environment._version
+    monkeypatch.setattr(environment, "_version",
                         lambda name: "0.0.0-other" if name == "quantmill" else real(name))
     assert key() != reference
