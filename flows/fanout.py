@@ -33,6 +33,10 @@ from quantmill.flows.prefect_server import ServiceError, configured_api_url
 from quantmill.registry import Registry
 
 POLL_S = 2.0
+#: a crashed run is retried only once its Crashed state is this old: the process worker reports
+#: a killed flow-run process twice (its runner at once, the worker seconds later), and a
+#: retry scheduled between the two would be overwritten by the second report
+CRASH_SETTLE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class OnPool:
                     if run.state is None or not run.state.is_final():
                         continue
                     if not run.state.is_completed() and child.attempts <= self.retries:
+                        if run.state.is_crashed() and _age_s(run.state) < CRASH_SETTLE_S:
+                            continue
                         child.attempts += 1
                         print(f"{label}: {run.state.name}, retrying it alone (attempt "
                               f"{child.attempts})")
@@ -159,6 +165,12 @@ class OnPool:
             error = f"{run.state.name}: {run.state.message or 'no message'}".splitlines()[0]
             print(f"{child.point.label}: failed: {error}")
         return Outcome(status, run_id, error, seconds, str(run.id), child.attempts)
+
+
+def _age_s(state: Any) -> float:
+    from datetime import UTC, datetime
+
+    return (datetime.now(UTC) - state.timestamp).total_seconds()
 
 
 @task(name="point", task_run_name="point-{recipe_name}", cache_policy=NO_CACHE,

@@ -35,6 +35,9 @@ from quantmill.flows.prefect_server import configured_api_url
 from quantmill.plugins.errors import ConfigError
 
 LIMIT_ENV = "QUANTMILL_HEAVY_LIMIT"
+#: a slot is leased and renewed while the step runs; a killed job's lease expires after this
+#: (Prefect's minimum), and the server's repossessor frees the slot within its next 15 s loop
+LEASE_S = 60
 GLOBAL_LIMIT = "quantmill-heavy"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 log = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ def heavy_slot(step: str) -> Iterator[None]:
         return
     ensure_limit(name)
     waited = time.monotonic()
-    with concurrency(name, occupy=1, strict=True):
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S):
         seconds = time.monotonic() - waited
         if seconds >= 1:
             log.info("%s waited %.1f s for a slot of the concurrency limit %s", step, seconds,
