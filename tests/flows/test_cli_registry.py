@@ -345,6 +345,7 @@ def _job(tiny_recipe: Any, name: str, bits: int, group_size: int) -> dict[str, A
     return {"checkpoint": checkpoint, "base": inputs.base_model_id, "run": run.id}
 
 
+@pytest.mark.slow
 def test_real_checkpoints_search_and_compare(quantmill_home: Path, tiny_recipe: Any) -> None:
     w4 = _job(tiny_recipe, "tiny-w4", 4, 32)
     w3 = _job(tiny_recipe, "tiny-w3", 3, 64)
@@ -426,6 +427,7 @@ def test_reap_closes_dead_runs_and_runs_lists_them(db_url: str, tamper: Any) -> 
     assert "lost" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_job_that_reproduces_a_checkpoint_names_it_as_an_input(quantmill_home: Path,
                                                                   tiny_recipe: Any) -> None:
     """RTN is deterministic: the same job twice makes the same bytes. An artifact has one

@@ -36,6 +36,7 @@ def _run_cli(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_clustering_recipe_with_lut_export(quantmill_home: Path, tiny_recipe) -> None:
     _run_cli("run", str(_recipe(tiny_recipe, CLUSTERING, {"format": "lut"})))
     with Registry.open() as reg:
@@ -61,6 +62,7 @@ def test_clustering_recipe_with_lut_export(quantmill_home: Path, tiny_recipe) ->
     assert torch.isfinite(loaded.model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
+@pytest.mark.slow
 def test_clustering_recipe_with_dequantized_export(quantmill_home: Path, tiny_recipe) -> None:
     quantization = {**CLUSTERING, "bits": 2, "compensate": False}
     _run_cli("run", str(_recipe(tiny_recipe, quantization, {"format": "dequantized"})))

@@ -115,6 +115,7 @@ def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     assert ckpt.sha256 in shown
 
 
+@pytest.mark.slow
 def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = tiny_recipe(name="tiny-gptq", quantization={
         "method": "gptq", "bits": 3, "group_size": 32, "desc_act": True, "damp_percent": 0.02,
@@ -141,6 +142,7 @@ def test_gptq_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     assert run.details["quantizer"]["block_tuning"]["norms"] is True
 
 
+@pytest.mark.slow
 def test_third_party_plugin_runs_from_recipe(quantmill_home: Path, tiny_recipe,
                                              third_party_plugin: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:

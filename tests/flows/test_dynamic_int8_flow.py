@@ -36,6 +36,7 @@ def run_int8_recipe(tiny_recipe, name: str, options: dict, **sections) -> None:
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
 
 
+@pytest.mark.slow
 def test_dynamic_int8_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     run_int8_recipe(tiny_recipe, "tiny-int8.yaml", {"smooth": False,
                                                      "skip": ["lm_head", "*embed*"]},
@@ -93,6 +94,7 @@ def test_bad_dynamic_int8_recipes_stop_before_any_work(quantmill_home: Path,
         assert reg.list_artifacts(kind="checkpoint") == []
 
 
+@pytest.mark.slow
 def test_smoothed_int8_recipe_with_int8_lm_head(quantmill_home: Path, tiny_recipe,
                                                 tiny_model_dir: Path, wikitext_dir: Path
                                                 ) -> None:

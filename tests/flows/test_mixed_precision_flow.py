@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -58,6 +59,7 @@ def _check_run(avg_bits: float, method: str) -> None:
         assert len(qkv) == 1  # tied
 
 
+@pytest.mark.slow
 def test_mixed_precision_with_rtn_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = tiny_recipe(quantization={
         "method": "rtn", "allocator": "mixed_precision",
@@ -67,6 +69,7 @@ def test_mixed_precision_with_rtn_end_to_end(quantmill_home: Path, tiny_recipe) 
     _check_run(4.6, "rtn")
 
 
+@pytest.mark.slow
 def test_mixed_precision_with_gptq_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = tiny_recipe(name="tiny-gptq-mixed.yaml", quantization={
         "method": "gptq", "allocator": "mixed_precision",
@@ -98,6 +101,7 @@ def test_bad_budget_is_refused_at_validation(quantmill_home: Path, tiny_recipe) 
     assert "greater than 0" in result.output
 
 
+@pytest.mark.slow
 def test_mixed_precision_with_rotated_gptq_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     """``rotation: hadamard``: the allocator measures and costs the rotated weights, the plan
     records the seed, and the checkpoint's linears rotate their inputs as planned."""

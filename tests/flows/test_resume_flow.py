@@ -89,6 +89,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", ["gptq", pytest.param("clustering", marks=pytest.mark.slow),
                                     pytest.param("trellis", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
         quantmill_home: Path, tmp_path: Path, tiny_recipe, six_block_model: Path,
         monkeypatch: pytest.MonkeyPatch, run_quantmill, method: str) -> None:
@@ -130,6 +131,7 @@ def test_killed_run_resumes_at_the_next_block_with_the_same_checkpoint(
     assert not any(work.iterdir())  # registered: the finished blocks are gone
 
 
+@pytest.mark.slow
 def test_a_job_killed_after_measuring_its_checkpoint_quantizes_and_measures_nothing_again(
         quantmill_home: Path, tiny_recipe, six_block_model: Path, run_quantmill) -> None:
     recipe = _recipe(tiny_recipe, six_block_model, METHODS["gptq"])

@@ -51,6 +51,7 @@ def _storage(server, prefix: str, **extra) -> dict:
             "endpoint_url": server.endpoint, "max_attempts": 2, "connect_timeout": 2, **extra}
 
 
+@pytest.mark.slow
 def test_recipe_with_s3_inputs_storage_and_publish(s3_env, quantmill_home: Path,
                                                    tiny_model_dir: Path, wikitext_dir: Path,
                                                    tiny_recipe, tmp_path: Path) -> None:
@@ -146,6 +147,7 @@ def _big_model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_server_killed_mid_multipart_then_rerun_sends_only_missing_parts(
         s3_env, quantmill_home: Path, tiny_model_dir: Path, tiny_recipe, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

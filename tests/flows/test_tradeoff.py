@@ -128,6 +128,7 @@ def _check_against_registry(report: dict) -> None:
     assert ref["size_mb"] == pytest.approx(base["param_count"] * 2 / 1e6)
 
 
+@pytest.mark.slow
 def test_tiny_batch_end_to_end_and_rerun(quantmill_home: Path, tmp_path: Path,
                                          tiny_model_dir: Path, wikitext_dir: Path) -> None:
     batch = {

@@ -29,6 +29,7 @@ def _trellis_recipe(tiny_recipe, name: str, quantization: dict, **overrides) -> 
     return path
 
 
+@pytest.mark.slow
 def test_trellis_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
     recipe = _trellis_recipe(tiny_recipe, "tiny-trellis.yaml", {"bits": 3, "state_bits": 8},
                              export={"format": "trellis"})
@@ -79,6 +80,7 @@ def test_trellis_recipes_the_method_cannot_serve_are_refused(quantmill_home: Pat
     assert "bits (8) must be below state_bits (8)" in result.output
 
 
+@pytest.mark.slow
 def test_mixed_precision_plans_trellis_formats(quantmill_home: Path, tiny_recipe) -> None:
     """The allocator costs trellis formats as the quantizer stores them (paths, scales and
     rotations), so the plan's average bits are what the weights cost."""

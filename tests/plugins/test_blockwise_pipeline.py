@@ -169,6 +169,7 @@ def _interrupt_after(monkeypatch, block_index: int) -> None:
 
 @pytest.mark.parametrize("method", [_gptq, _clustering, _trellis],
                          ids=["gptq", "clustering", "trellis"])
+@pytest.mark.slow
 def test_interrupted_run_resumes_at_the_next_block_with_identical_results(
         four_block_llama, calibration, tmp_path: Path, monkeypatch, method) -> None:
     whole = method(four_block_llama, calibration)

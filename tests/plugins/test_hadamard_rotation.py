@@ -37,6 +37,7 @@ DIMENSIONS = (1, 9, 64, 96, 576, 1536, 8192)
 # -- the transform --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", DIMENSIONS)
 def test_rotation_is_orthogonal_and_fast_paths_agree_with_the_dense_matrix(n: int) -> None:
     rotation = InputRotation.for_site(n, seed=3, site="model.layers.0.self_attn.q_proj")

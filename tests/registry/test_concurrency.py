@@ -239,6 +239,7 @@ def _check_ledger(url: str, registry: Registry) -> int:
     return len(records)
 
 
+@pytest.mark.slow
 def test_processes_register_runs_at_once(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
