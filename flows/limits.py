@@ -41,6 +41,8 @@ LEASE_S = 60
 GLOBAL_LIMIT = "quantmill-heavy"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 log = logging.getLogger(__name__)
+#: limits this process has made sure exist (a heavy step should not ask the server again)
+_ensured: set[str] = set()
 
 
 def host_limit_name(host: str | None = None) -> str:
@@ -85,7 +87,9 @@ def heavy_slot(step: str) -> Iterator[None]:
     if name is None:
         yield
         return
-    ensure_limit(name)
+    if name not in _ensured:
+        ensure_limit(name)
+        _ensured.add(name)
     waited = time.monotonic()
     with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S):
         seconds = time.monotonic() - waited
