@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from prefect.artifacts import create_table_artifact
 
 from quantmill.flows import tasks
 from quantmill.flows.context import JobRef, RunContext
-from quantmill.flows.environment import check_skew, software_versions
+from quantmill.flows.environment import check_skew, current_environment, software_versions
 from quantmill.flows.heartbeat import Heartbeat
 from quantmill.flows.limits import heavy_slot
 from quantmill.flows.prefect_progress import PrefectProgressSink
@@ -105,6 +107,11 @@ def flow_run_scope(environment: dict[str, Any] | None) -> Iterator[None]:
     from prefect.runtime import deployment, flow_run
 
     check_skew(environment, f"deployment {deployment.name or '(none)'}")
+    here = current_environment()
+    # the first line of the run's page: which machine and software this attempt ran on
+    log.info("running on %s (pid %d): environment %s, lock %s, source %s",
+             socket.gethostname(), os.getpid(), here.sha256[:12],
+             (here.lock_sha256 or "none")[:12], here.source_commit or "unknown")
     with contextlib.ExitStack() as stack:
         stack.enter_context(tags(SERVICE_TAG, *(flow_run.tags or [])))
         if current_sink() is None and configured_api_url() is not None:

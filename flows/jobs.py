@@ -63,7 +63,7 @@ def probe_pool(pool: str, timeout: float = 120.0) -> dict[str, Any]:
     import time
 
     from quantmill.flows.environment import current_environment
-    from quantmill.flows.probe import REPORT_PREFIX
+    from quantmill.flows.probe import REPORT_KEY
 
     check_server()
     with get_client(sync_client=True) as client:
@@ -87,13 +87,12 @@ def probe_pool(pool: str, timeout: float = 120.0) -> dict[str, Any]:
         if not found.state.is_completed():
             raise ServiceError(f"the probe on pool {pool!r} ended {found.state.name}: "
                                f"{found.state.message}")
-        for _ in range(20):  # log lines reach the server in batches
-            for line in job_logs(client, str(run.id)):
-                if line.message.startswith(REPORT_PREFIX):
-                    return {"flow_run_id": str(run.id),
-                            **json.loads(line.message[len(REPORT_PREFIX):])}
-            time.sleep(0.5)
-    raise ServiceError(f"the probe {run.id} completed but its report never reached the server")
+        for artifact in run_artifacts(client, str(run.id)):
+            if artifact.get("key") == REPORT_KEY:
+                text = artifact["data"].strip().removeprefix("```json").removesuffix("```")
+                return {"flow_run_id": str(run.id), **json.loads(text)}
+    raise ServiceError(f"the probe {run.id} completed without its report artifact "
+                       f"{REPORT_KEY!r}")
 
 
 def _run_id(text: str) -> uuid.UUID:
@@ -137,6 +136,21 @@ def job_logs(client: Any, flow_run_id: str) -> list[Any]:
         lines += page
         if len(page) < PAGE:
             return lines
+
+
+def run_artifacts(client: Any, flow_run_id: str) -> list[dict[str, Any]]:
+    """The flow run's artifacts, newest first, as the server's JSON (a raw filter: prefect
+    3.8.8's ``read_artifacts`` sends null filters the server refuses with 422)."""
+    artifacts: list[dict[str, Any]] = []
+    while True:
+        response = client._client.post("/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "CREATED_DESC",
+            "limit": PAGE, "offset": len(artifacts)})
+        response.raise_for_status()
+        page = response.json()
+        artifacts += page
+        if len(page) < PAGE:
+            return artifacts
 
 
 def cancel_job(client: Any, flow_run_id: str) -> str:

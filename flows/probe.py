@@ -15,13 +15,16 @@ import socket
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from quantmill.flows.environment import check_skew, current_environment
 from quantmill.flows.input_roots import InputRoots
 from quantmill.flows.limits import heavy_limit_name
 
-#: the log line ``quantmill jobs probe`` reads the report from
-REPORT_PREFIX = "probe report: "
+#: the key of the artifact ``quantmill jobs probe`` reads the report from: an artifact is
+#: written by a direct API call before the run completes, while a log line is shipped in a
+#: background batch that a busy server can miss when the run's process exits
+REPORT_KEY = "probe-report"
 
 
 @flow(name="probe", flow_run_name="probe-{label}", log_prints=True)
@@ -36,5 +39,8 @@ def probe(label: str = "probe", environment: dict[str, Any] | None = None) -> di
         "input_roots": roots.describe() if roots is not None else "(unbounded)",
         "heavy_limit": heavy_limit_name(),
     }
-    print(f"{REPORT_PREFIX}{json.dumps(report, sort_keys=True)}")
+    text = json.dumps(report, sort_keys=True)
+    print(f"probe report: {text}")
+    create_markdown_artifact(key=REPORT_KEY, markdown=f"```json\n{text}\n```",
+                             description="what the worker that ran this probe sees")
     return report

@@ -126,7 +126,8 @@ class Worker:
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [str(BIN / "quantmill"), "worker", "--pool", self.pool,
-             *self.args], env={**os.environ, "COLUMNS": "200", **self.env}, stdout=log,
+             *self.args], env={**os.environ, "COLUMNS": "200",
+                                                   "PYTHONUNBUFFERED": "1", **self.env}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
