@@ -104,7 +104,9 @@ def run(
     job = load_job(recipe, Catalog(get_plugin_manager()))
     Registry.open(database_url).close()  # refuse an out-of-date registry before any work
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        from quantmill.flows.runtime import quiet_prefect_console
+
+        quiet_prefect_console()
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from transformers.utils import logging as hf_logging
 
@@ -206,7 +208,9 @@ def tradeoff(
     plan = load_batch_file(batch, Catalog(get_plugin_manager()))  # every point, before any work
     out = out or Path.cwd() / f"tradeoff-{plan.name}"
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        from quantmill.flows.runtime import quiet_prefect_console
+
+        quiet_prefect_console()
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 

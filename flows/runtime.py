@@ -34,3 +34,19 @@ def configure_prefect_environment() -> None:
     level = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
     if level in ("DEBUG", "INFO", "WARNING", "ERROR"):
         logging.getLogger("quantmill").setLevel(level)
+
+
+def quiet_prefect_console() -> None:
+    """Show only Prefect's warnings and errors in this terminal (the CLI's bars show progress),
+    while the run's page still receives every line.
+
+    Raises the level of Prefect's console handler, not ``PREFECT_LOGGING_LEVEL``: that variable
+    would also silence the API log handler, and every process started from here (a Dask
+    LocalCluster's workers, a test's Prefect workers) would inherit it.
+    """
+    import prefect.main  # noqa: F401  (configures Prefect's logging when first imported)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ plugin installed as a real distribution runs from a recipe; a failing step regis
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,10 +47,21 @@ def third_party_plugin(tmp_path_factory: pytest.TempPathFactory):
     importlib.invalidate_caches()
 
 
-def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe) -> None:
+def test_recipe_runs_end_to_end(quantmill_home: Path, tiny_recipe,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)
     recipe = tiny_recipe()
     out = _run_cli("run", "--lineage", str(recipe))
     assert "perplexity" in out and "bits_per_weight" in out
+    # the CLI quiets Prefect's console only: processes started from this one later (a test's
+    # workers, a Dask LocalCluster) still send INFO lines to their runs' pages
+    assert "PREFECT_LOGGING_LEVEL" not in os.environ
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert consoles and all(h.level == logging.WARNING for h in consoles)
 
     with Registry.open() as reg:
         checkpoints = reg.list_artifacts(kind="checkpoint")
