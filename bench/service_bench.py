@@ -104,13 +104,15 @@ def main() -> None:
     from quantmill.flows.deployments import adhoc_deployment
     from quantmill.flows.environment import current_environment
 
-    workers = [service.Worker(root / f"worker-{i}.log", POOL,
-                              {**server.env(), "QUANTMILL_HOME": str(root / "home")},
-                              ("--limit", "1", "--name", f"bench-{i}")).start()
-               for i in range(2)]
+    workers: list[Any] = []
     try:
-        for worker in workers:
-            worker.wait_started()
+        # one after the other: the first creates the fresh registry (two processes migrating
+        # one new SQLite file at once can fail with "database is locked")
+        for i in range(2):
+            workers.append(service.Worker(root / f"worker-{i}.log", POOL,
+                                          {**server.env(), "QUANTMILL_HOME": str(root / "home")},
+                                          ("--limit", "1", "--name", f"bench-{i}")).start())
+            workers[-1].wait_started()
         with get_client(sync_client=True) as client:
             deployment = adhoc_deployment(client, "probe", POOL)
         environment = current_environment().record()
