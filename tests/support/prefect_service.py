@@ -125,10 +125,9 @@ class Worker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [str(BIN / "quantmill"), "worker", "--pool", self.pool,
-             *self.args], env={**os.environ, "COLUMNS": "200",
-                                                   "PYTHONUNBUFFERED": "1", **self.env}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [str(BIN / "quantmill"), "worker", "--pool", self.pool, *self.args],
+            env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", **self.env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def log(self) -> str:
